@@ -1,0 +1,33 @@
+//! crewmesh-kit: what every crewmesh service shares.
+//!
+//! - [`tls`], [`transport`], [`identity`]: mutual TLS from PEM files with hot reload,
+//!   SPIFFE-style identities, mTLS incoming connections and outgoing channels.
+//! - [`mesh`], [`authz`], [`principal`]: who may call which RPC, and on whose behalf.
+//! - [`server`], [`admin`], [`observe`], [`telemetry`]: server bootstrap with health,
+//!   reflection, admin probes, Prometheus metrics, JSON logs and OpenTelemetry traces.
+//! - [`settings`]: config files plus `CREWMESH_` environment, strictly validated.
+//! - [`clients`], [`batch`], [`config_cache`]: typed clients to the other services,
+//!   asynchronous audit and usage clients, and the watched config snapshot.
+//! - [`pki`]: the development CA used by `crewmesh up` and `crewmesh certs init`.
+//! - [`status`]: the single mapping from service errors to gRPC statuses.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod authz;
+pub mod batch;
+pub mod clients;
+pub mod config_cache;
+pub mod identity;
+pub mod mesh;
+pub mod observe;
+pub mod pki;
+pub mod principal;
+pub mod server;
+pub mod settings;
+pub mod status;
+pub mod telemetry;
+pub mod tls;
+pub mod transport;
+
+pub use crewmesh_proto as proto;
