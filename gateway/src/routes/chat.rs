@@ -1,0 +1,74 @@
+//! `POST /v1/chat/completions` and `GET /v1/models`: the OpenAI-compatible surface.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use crewmesh_kit::clients::with_principal;
+use crewmesh_openai::{ChatRequest, request_to_proto, response_from_proto};
+use crewmesh_proto::router::v1 as pb;
+
+use crate::AppState;
+use crate::extract::{Authed, JsonBody};
+use crate::problem::Problem;
+
+pub async fn completions(
+    State(state): State<AppState>,
+    Authed(principal): Authed,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ChatRequest>,
+) -> Result<Response, Problem> {
+    if body.stream == Some(true) {
+        return Err(Problem::not_implemented(
+            "streaming chat completions (stream: true)",
+        ));
+    }
+    let mut req = request_to_proto(&body).map_err(|e| Problem::bad_request(e.to_string()))?;
+    req.request_id = crate::request_id(&headers);
+    let mut call = with_principal(req, &principal);
+    call.set_timeout(state.upstream_timeout);
+    let resp = state.router.clone().complete(call).await?.into_inner();
+    let simulated = resp.call.as_ref().is_some_and(|c| c.simulated);
+    let mut out = Json(response_from_proto(&resp)).into_response();
+    if let Some(call) = &resp.call {
+        let h = out.headers_mut();
+        if let Ok(v) = call.deployment.parse() {
+            h.insert("x-crewmesh-deployment", v);
+        }
+        if let Ok(v) = format!("{:.8}", call.cost_usd).parse() {
+            h.insert("x-crewmesh-cost-usd", v);
+        }
+    }
+    if simulated {
+        out.headers_mut().insert(
+            "x-crewmesh-simulated",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(out)
+}
+
+pub async fn models(
+    State(state): State<AppState>,
+    Authed(principal): Authed,
+) -> Result<Response, Problem> {
+    let resp = state
+        .router
+        .clone()
+        .list_models(with_principal(pb::ListModelsRequest {}, &principal))
+        .await?
+        .into_inner();
+    let data: Vec<_> = resp
+        .models
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.owned_by,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "object": "list", "data": data })).into_response())
+}
