@@ -136,6 +136,8 @@ pub fn etcd() -> &'static Etcd {
         let peer_port = free_port();
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
+        // Never waited on: the watchdog below ends it when the test binary exits.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(bin)
             .args([
                 "--name",
