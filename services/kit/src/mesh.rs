@@ -65,7 +65,9 @@ impl Service {
     /// Callers whose principal metadata (tenant, subject, roles) this service trusts.
     pub fn principal_asserters(self) -> &'static [&'static str] {
         match self {
-            Service::Router => &["gateway", "agent-runtime"],
+            // The agent runtime acts for a run's owner when it calls models and reads
+            // the owner's agent documents.
+            Service::Router | Service::Config => &["gateway", "agent-runtime"],
             Service::Gateway => &[],
             _ => &["gateway"],
         }
