@@ -485,6 +485,10 @@ fn write_es_number(out: &mut Vec<u8>, x: f64) {
 /// or `private_key`.
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_lowercase().replace('-', "_");
+    // Token *counts* (`prompt_tokens`, `max_tokens`) are metadata, not credentials.
+    if key == "tokens" || key.ends_with("_tokens") {
+        return false;
+    }
     SECRET_KEY_FRAGMENTS.iter().any(|f| key.contains(f))
 }
 
@@ -666,12 +670,13 @@ mod tests {
             "private_key": "pk",
             "apikey": "a",
             "model": "gpt",
+            "prompt_tokens": 12,
         })
         .to_string();
         let e = NewEvent::from_input(i).unwrap();
         assert_eq!(
             e.details_json,
-            r#"{"Authorization":"[REDACTED]","access_token":"[REDACTED]","apikey":"[REDACTED]","client_secret":"[REDACTED]","model":"gpt","nested":{"API_KEY":"[REDACTED]","list":[{"db_password":"[REDACTED]","ok":1}],"x-api-key":"[REDACTED]"},"private_key":"[REDACTED]"}"#
+            r#"{"Authorization":"[REDACTED]","access_token":"[REDACTED]","apikey":"[REDACTED]","client_secret":"[REDACTED]","model":"gpt","nested":{"API_KEY":"[REDACTED]","list":[{"db_password":"[REDACTED]","ok":1}],"x-api-key":"[REDACTED]"},"private_key":"[REDACTED]","prompt_tokens":12}"#
         );
         assert!(!e.details_json.contains("Bearer"));
     }

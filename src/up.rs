@@ -1,0 +1,511 @@
+//! `crewmesh up`: the whole mesh in one process. Every service still listens on its
+//! own loopback port and talks to the others over mTLS, so this mode runs the same
+//! code paths as a distributed install. State lives under the data directory: the dev
+//! PKI, SQLite databases, the embedded config store and the admin API key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use crewmesh_kit::mesh::Service;
+use crewmesh_kit::observe::MetricsRegistry;
+use crewmesh_kit::pki::{CLI_IDENTITY, DevPki};
+use crewmesh_kit::settings::{CommonConfig, DatabaseConfig, PeersConfig, Secret, ServerConfig};
+use crewmesh_kit::telemetry::TelemetryConfig;
+use crewmesh_proto::config::v1 as cfg;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::state::{Pki, ServiceEndpoints, State};
+
+pub use crate::state::FILE_NAME as STATE_FILE;
+
+pub struct UpOptions {
+    pub data_dir: PathBuf,
+    pub gateway_addr: SocketAddr,
+    pub trust_domain: String,
+    /// Where the config service keeps documents.
+    pub config_store: ConfigStoreChoice,
+    /// Where audit, metrics and the agent runtime keep their data.
+    pub databases: DatabaseChoice,
+    /// How often the router refreshes its model catalog.
+    pub refresh_interval: Duration,
+}
+
+impl UpOptions {
+    /// The defaults of `crewmesh up`: embedded config store and SQLite under `data_dir`.
+    pub fn embedded(data_dir: PathBuf, gateway_addr: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            gateway_addr,
+            trust_domain: crewmesh_kit::settings::default_trust_domain(),
+            config_store: ConfigStoreChoice::Embedded,
+            databases: DatabaseChoice::Sqlite,
+            refresh_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+pub enum ConfigStoreChoice {
+    /// SQLite file `config.db` in the data directory.
+    Embedded,
+    /// An etcd cluster.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+pub enum DatabaseChoice {
+    /// SQLite files in the data directory.
+    Sqlite,
+    /// One Postgres database URL per service.
+    Postgres {
+        audit: String,
+        metrics: String,
+        agent_runtime: String,
+    },
+}
+
+/// Model aliases `crewmesh up` configures on the simulated upstream.
+pub const SIMULATED_MODELS: [&str; 2] = ["sim-small", "sim-large"];
+
+fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+fn database(choice: &DatabaseChoice, data_dir: &Path, service: Service) -> DatabaseConfig {
+    let url = match (choice, service) {
+        (DatabaseChoice::Postgres { audit, .. }, Service::Audit) => audit.clone(),
+        (DatabaseChoice::Postgres { metrics, .. }, Service::Metrics) => metrics.clone(),
+        (DatabaseChoice::Postgres { agent_runtime, .. }, _) => agent_runtime.clone(),
+        (DatabaseChoice::Sqlite, svc) => sqlite_url(&data_dir.join(format!("{}.db", svc.name()))),
+    };
+    DatabaseConfig {
+        url,
+        password_file: None,
+        max_connections: 4,
+    }
+}
+
+/// Reads the admin key from `path`, creating a new random one (mode 0600) if absent.
+fn admin_key(path: &Path) -> anyhow::Result<Secret> {
+    if path.exists() {
+        return crewmesh_kit::settings::read_secret_file(path)
+            .with_context(|| format!("reading {}", path.display()));
+    }
+    let key = format!("cm_{}", hex::encode(rand::random::<[u8; 24]>()));
+    write_private(path, key.as_bytes())?;
+    Ok(Secret::new(key))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}
+
+type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
+
+/// Starts the mesh and returns once it is ready; the returned handle stops it.
+pub struct RunningMesh {
+    pub state: State,
+    stop: watch::Sender<bool>,
+    stop_sim: watch::Sender<bool>,
+    tasks: Tasks,
+    sim: tokio::task::JoinHandle<std::io::Result<()>>,
+    data_dir: PathBuf,
+}
+
+impl RunningMesh {
+    /// Signals every service to drain and waits for them.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let mut failed = Vec::new();
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok((svc, Err(e))) => failed.push(format!("{svc}: {e:#}")),
+                Ok((_, Ok(()))) => {}
+                Err(e) => failed.push(format!("task: {e}")),
+            }
+        }
+        // The simulated upstream stands in for an external provider: it stays up until
+        // the services have drained, so in-flight model calls can finish.
+        let _ = self.stop_sim.send(true);
+        let _ = self.sim.await;
+        State::remove(&self.data_dir);
+        if !failed.is_empty() {
+            bail!("some services failed: {}", failed.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Resolves when a service stops on its own (an error).
+    pub async fn wait_for_failure(&mut self) -> anyhow::Error {
+        match self.tasks.join_next().await {
+            Some(Ok((svc, Err(e)))) => e.context(format!("the {svc} service failed")),
+            Some(Ok((svc, Ok(())))) => anyhow::anyhow!("the {svc} service stopped unexpectedly"),
+            Some(Err(e)) => anyhow::anyhow!("a service task failed: {e}"),
+            None => anyhow::anyhow!("no services are running"),
+        }
+    }
+}
+
+pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating the data directory {}", opts.data_dir.display()))?;
+    let data_dir = opts
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", opts.data_dir.display()))?;
+    let td = opts.trust_domain.clone();
+    let pki = DevPki::new(data_dir.join("pki"));
+    if !pki.is_complete() {
+        pki.init(&td, &[]).context("creating the dev PKI")?;
+        tracing::info!(dir = %pki.dir.display(), "created a development CA and certificates");
+    }
+    let key = admin_key(&data_dir.join("admin-api-key"))?;
+    let metrics = MetricsRegistry::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let common = |svc: Service, peers: PeersConfig| CommonConfig {
+        trust_domain: td.clone(),
+        server: ServerConfig::loopback(),
+        tls: pki.files_for(svc.name()),
+        telemetry: TelemetryConfig::default(),
+        peers,
+    };
+    let mut tasks: Tasks = JoinSet::new();
+    let mut services: BTreeMap<String, ServiceEndpoints> = BTreeMap::new();
+    let mut peers = PeersConfig::default();
+    let mut record =
+        |svc: Service, grpc: SocketAddr, admin: SocketAddr, peers: &mut PeersConfig| {
+            peers.set(svc, grpc.to_string());
+            services.insert(
+                svc.name().to_owned(),
+                ServiceEndpoints {
+                    grpc: Some(grpc.to_string()),
+                    admin: format!("http://{admin}"),
+                    http: None,
+                },
+            );
+        };
+
+    // The simulated model upstream (plain HTTP on loopback, labelled simulated).
+    let sim =
+        crewmesh_simulated_upstream::SimulatedUpstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("starting the simulated upstream")?;
+    let sim_url = sim.base_url();
+    let (stop_sim, stop_sim_rx) = watch::channel(false);
+    let sim = tokio::spawn(sim.run_until_stopped(async move {
+        let mut rx = stop_sim_rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+
+    // Start in dependency order: each service learns the addresses of the ones before it.
+    let audit = crewmesh_audit::Application::build(
+        crewmesh_audit::AuditConfig {
+            common: common(Service::Audit, PeersConfig::default()),
+            database: database(&opts.databases, &data_dir, Service::Audit),
+        },
+        metrics.clone(),
+    )
+    .await
+    .context("starting the audit service")?;
+    record(
+        Service::Audit,
+        audit.grpc_addr(),
+        audit.admin_addr(),
+        &mut peers,
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::Audit,
+            audit
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+
+    let config = crewmesh_config::Application::build(
+        crewmesh_config::ConfigServiceConfig {
+            common: common(Service::Config, peers.clone()),
+            store: match &opts.config_store {
+                ConfigStoreChoice::Embedded => crewmesh_config::StoreConfig::Embedded {
+                    path: data_dir.join("config.db"),
+                },
+                ConfigStoreChoice::Etcd { endpoints, prefix } => {
+                    crewmesh_config::StoreConfig::Etcd(crewmesh_config::EtcdConfig {
+                        endpoints: endpoints.clone(),
+                        tls: None,
+                        username: None,
+                        password: None,
+                        prefix: prefix.clone(),
+                        timeout: Duration::from_secs(5),
+                    })
+                }
+            },
+        },
+        metrics.clone(),
+    )
+    .await
+    .context("starting the config service")?;
+    record(
+        Service::Config,
+        config.grpc_addr(),
+        config.admin_addr(),
+        &mut peers,
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::Config,
+            config
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+    seed_config(
+        &pki,
+        &td,
+        peers.config.as_deref().unwrap_or_default(),
+        &sim_url,
+    )
+    .await
+    .context("writing the simulated provider and models to the config store")?;
+
+    let metrics_svc = crewmesh_metrics::Application::build(
+        crewmesh_metrics::MetricsConfig {
+            common: common(Service::Metrics, peers.clone()),
+            database: database(&opts.databases, &data_dir, Service::Metrics),
+        },
+        metrics.clone(),
+    )
+    .await
+    .context("starting the metrics service")?;
+    record(
+        Service::Metrics,
+        metrics_svc.grpc_addr(),
+        metrics_svc.admin_addr(),
+        &mut peers,
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::Metrics,
+            metrics_svc
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+
+    let router = crewmesh_router::Application::build(
+        crewmesh_router::RouterConfig {
+            refresh_interval: opts.refresh_interval,
+            ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
+        },
+        metrics.clone(),
+    )
+    .await
+    .context("starting the router")?;
+    record(
+        Service::Router,
+        router.grpc_addr(),
+        router.admin_addr(),
+        &mut peers,
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::Router,
+            router
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+
+    let agents = crewmesh_agent_runtime::Application::build(
+        crewmesh_agent_runtime::AgentRuntimeConfig {
+            common: common(Service::AgentRuntime, peers.clone()),
+            database: database(&opts.databases, &data_dir, Service::AgentRuntime),
+        },
+        metrics.clone(),
+    )
+    .await
+    .context("starting the agent runtime")?;
+    record(
+        Service::AgentRuntime,
+        agents.grpc_addr(),
+        agents.admin_addr(),
+        &mut peers,
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::AgentRuntime,
+            agents
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+
+    let gateway = crewmesh_gateway::Application::build(
+        crewmesh_gateway::GatewayConfig {
+            common: CommonConfig {
+                server: ServerConfig {
+                    grpc_addr: None,
+                    ..ServerConfig::loopback()
+                },
+                ..common(Service::Gateway, peers.clone())
+            },
+            http_addr: opts.gateway_addr,
+            bootstrap_api_key: Some(key.clone()),
+            upstream_timeout: Duration::from_secs(120),
+        },
+        metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("starting the gateway on {}", opts.gateway_addr))?;
+    let gateway_url = format!("http://{}", gateway.http_addr());
+    services.insert(
+        "gateway".to_owned(),
+        ServiceEndpoints {
+            grpc: None,
+            admin: format!("http://{}", gateway.admin_addr()),
+            http: Some(gateway_url.clone()),
+        },
+    );
+    let s = stop();
+    tasks.spawn(async move {
+        (
+            Service::Gateway,
+            gateway
+                .run_until_stopped(s)
+                .await
+                .map_err(anyhow::Error::from),
+        )
+    });
+
+    wait_ready(&services).await?;
+    let cli = pki.files_for(CLI_IDENTITY);
+    let state = State {
+        gateway_url,
+        admin_api_key: key.expose().to_owned(),
+        simulated_upstream_url: sim_url,
+        trust_domain: td,
+        services,
+        pki: Pki {
+            ca: cli.ca_file,
+            client_cert: cli.cert_file,
+            client_key: cli.key_file,
+        },
+        pid: std::process::id(),
+    };
+    state.write(&data_dir).context("writing state.json")?;
+    Ok(RunningMesh {
+        state,
+        stop: stop_tx,
+        stop_sim,
+        tasks,
+        sim,
+        data_dir,
+    })
+}
+
+/// Points the `simulated` provider at this run's simulated upstream and makes sure
+/// the simulated model aliases exist. Written through the config API as the CLI
+/// identity, like an operator would.
+async fn seed_config(
+    pki: &DevPki,
+    td: &str,
+    config_addr: &str,
+    sim_url: &str,
+) -> anyhow::Result<()> {
+    let tls = crewmesh_kit::tls::MeshTls::load(pki.files_for(CLI_IDENTITY))?;
+    let id = crewmesh_kit::identity::SpiffeId::new(td, Service::Config.name())?;
+    let channel = crewmesh_kit::transport::mesh_channel(config_addr, id, tls)?;
+    let mut client = cfg::config_service_client::ConfigServiceClient::new(channel);
+    let provider = serde_json::json!({
+        "type": "simulated",
+        "base_url": sim_url,
+        "description": "simulated OpenAI-compatible upstream started by `crewmesh up` (not a real model)",
+    });
+    let mut docs = vec![(cfg::Kind::Provider, "simulated".to_owned(), provider)];
+    for m in SIMULATED_MODELS {
+        docs.push((
+            cfg::Kind::Model,
+            m.to_owned(),
+            serde_json::json!({
+                "deployments": [{"provider": "simulated", "model": m}],
+                "owned_by": "crewmesh-simulated",
+            }),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (kind, name, spec) in docs {
+        loop {
+            let req = cfg::PutRequest {
+                scope: cfg::Scope::Global as i32,
+                kind: kind as i32,
+                name: name.clone(),
+                spec_json: spec.to_string(),
+                expected_version: None,
+            };
+            match client.put(req).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => bail!("config put {name}: {}", s.message()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls every service's `/readyz` until all are ready.
+async fn wait_ready(services: &BTreeMap<String, ServiceEndpoints>) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (name, ep) in services {
+        let url = format!("{}/readyz", ep.admin);
+        loop {
+            let last = match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!("the {name} service did not become ready within 30s: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
+}

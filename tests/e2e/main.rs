@@ -1,0 +1,12 @@
+//! End-to-end tests of the whole mesh: the real services in-process on loopback
+//! ports over mTLS, started through the same code as `crewmesh up`, with a real etcd
+//! and a real PostgreSQL started by the harness. `TEST_LOG=1` turns logs on.
+
+mod harness;
+
+mod config_errors;
+mod gateway_errors;
+mod health;
+mod mtls;
+mod shutdown;
+mod walking_skeleton;
