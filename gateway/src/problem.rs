@@ -8,8 +8,20 @@ use tonic::Code;
 /// Base of the `type` URIs; each problem type is documented in docs/api.md.
 pub const TYPE_BASE: &str = "https://crewmesh.dev/problems/";
 
+/// A problem document. Boxed so that `Result<T, Problem>` stays small.
+#[derive(Debug, Clone)]
+pub struct Problem(Box<ProblemBody>);
+
+impl std::ops::Deref for Problem {
+    type Target = ProblemBody;
+
+    fn deref(&self) -> &ProblemBody {
+        &self.0
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
-pub struct Problem {
+pub struct ProblemBody {
     #[serde(rename = "type")]
     pub kind: String,
     pub title: &'static str,
@@ -44,7 +56,7 @@ impl Problem {
             429 => "rate_limit_error",
             _ => "api_error",
         };
-        Self {
+        Self(Box::new(ProblemBody {
             kind: format!("{TYPE_BASE}{slug}"),
             title,
             status: status.as_u16(),
@@ -55,7 +67,7 @@ impl Problem {
                 kind: openai_type,
                 code: slug.to_owned(),
             },
-        }
+        }))
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -138,7 +150,7 @@ impl Problem {
     }
 
     pub fn with_request_id(mut self, id: &str) -> Self {
-        self.request_id = Some(id.to_owned());
+        self.0.request_id = Some(id.to_owned());
         self
     }
 }
@@ -146,7 +158,7 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let body = serde_json::to_vec(&*self.0).unwrap_or_default();
         let mut resp = (status, body).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

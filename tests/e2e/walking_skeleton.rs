@@ -23,13 +23,12 @@ async fn completion_is_accounted(mesh: &TestMesh) {
 
     let usage = eventually("the usage record", Duration::from_secs(10), || async {
         let u = mesh.get_json("/v1/usage").await;
-        let found = u["data"]
+        u["data"]
             .as_array()
             .unwrap()
             .iter()
             .find(|r| r["request_id"] == request_id.as_str())
-            .cloned();
-        found
+            .cloned()
     })
     .await;
     assert_eq!(usage["model"], "sim-small");
