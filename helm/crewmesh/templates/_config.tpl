@@ -17,7 +17,11 @@ admin_addr = "0.0.0.0:{{ int $v.adminPort }}"
 shutdown_grace_secs = {{ int $root.Values.shutdownGraceSeconds }}
 
 [tls]
+{{- if $root.Values.tls.trustBundle.configMap }}
+ca_file = "/etc/crewmesh/trust/{{ $root.Values.tls.trustBundle.key }}"
+{{- else }}
 ca_file = "/etc/crewmesh/tls/ca.crt"
+{{- end }}
 cert_file = "/etc/crewmesh/tls/tls.crt"
 key_file = "/etc/crewmesh/tls/tls.key"
 
@@ -79,5 +83,13 @@ password_file = "/etc/crewmesh/etcd-auth/password"
 [gateway]
 http_addr = "0.0.0.0:{{ int $v.httpPort }}"
 bootstrap_api_key_file = "/etc/crewmesh/bootstrap/api-key"
+upstream_timeout_secs = {{ int $v.upstreamTimeoutSecs }}
+{{- end }}
+{{- if eq $name "router" }}
+
+[router]
+refresh_interval_ms = {{ int64 $v.refreshIntervalMs }}
+upstream_connect_timeout_ms = {{ int64 $v.upstreamConnectTimeoutMs }}
+upstream_timeout_ms = {{ int64 $v.upstreamTimeoutMs }}
 {{- end }}
 {{- end }}

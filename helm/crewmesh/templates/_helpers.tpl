@@ -151,6 +151,8 @@ group: cert-manager.io
 - {{ $svc }}.{{ $ns }}
 - {{ $svc }}.{{ $ns }}.svc
 - {{ $svc }}.{{ $ns }}.svc.cluster.local
+{{- /* For operators who reach a service through kubectl port-forward. */}}
+- localhost
 {{- end }}
 
 {{/* Secret with the Postgres password, or empty when none. */}}

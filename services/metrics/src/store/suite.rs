@@ -164,8 +164,8 @@ async fn spend_groups_with_exact_sums<S: UsageStore>(store: S) {
     let specs = [
         ("gpt", "key:a", "helper", 0, 100, 10, 1.5),
         ("gpt", "key:b", "", 0, 200, 20, 0.25),
-        ("claude", "key:a", "helper", 1, 50, 5, 0.75),
-        ("claude", "key:a", "writer", 1, 50, 5, 0.75),
+        ("mistral-large", "key:a", "helper", 1, 50, 5, 0.75),
+        ("mistral-large", "key:a", "writer", 1, 50, 5, 0.75),
         ("mini", "key:b", "writer", 2, 1, 1, 0.0),
         ("mini", "key:c", "", 2, 3, 4, 0.125),
     ];
@@ -204,7 +204,7 @@ async fn spend_groups_with_exact_sums<S: UsageStore>(store: S) {
         spend(Grouping::Model).await,
         vec![
             bucket("gpt", 2, (300, 30), 1.75),
-            bucket("claude", 2, (100, 10), 1.5),
+            bucket("mistral-large", 2, (100, 10), 1.5),
             bucket("mini", 2, (4, 5), 0.125),
         ]
     );
