@@ -19,7 +19,7 @@ fn assert_refused(err: &tonic::Status) {
     assert!(
         matches!(
             err.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
         ),
         "{err}"
     );
@@ -27,7 +27,8 @@ fn assert_refused(err: &tonic::Status) {
         err.message().contains("transport error")
             || err.message().contains("canceled")
             || err.message().contains("tcp connect error")
-            || err.message().contains("connection"),
+            || err.message().contains("connection")
+            || err.message().contains("h2 protocol error"),
         "{err}"
     );
 }

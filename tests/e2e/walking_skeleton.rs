@@ -5,8 +5,23 @@ use std::time::Duration;
 
 use crate::harness::{TestMesh, eventually};
 
+/// The client's W3C trace: the router's audit event must carry its trace id, which
+/// proves the context crossed the HTTP hop and the gRPC hop.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
 async fn completion_is_accounted(mesh: &TestMesh) {
-    let resp = mesh.chat("sim-small", "Hello, crewmesh!").await;
+    let resp = mesh
+        .http
+        .post(mesh.url("/v1/chat/completions"))
+        .bearer_auth(mesh.api_key())
+        .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({
+            "model": "sim-small",
+            "messages": [{"role": "user", "content": "Hello, crewmesh!"}],
+        }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-crewmesh-simulated"], "true");
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
@@ -53,6 +68,7 @@ async fn completion_is_accounted(mesh: &TestMesh) {
     assert_eq!(event["actor"]["service"], "spiffe://crewmesh.local/router");
     assert_eq!(event["tenant"], "default");
     assert_eq!(event["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(event["trace_id"], TRACE_ID);
 }
 
 async fn one_step_agent_runs(mesh: &TestMesh) {

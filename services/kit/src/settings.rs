@@ -87,7 +87,12 @@ pub fn load<T: DeserializeOwned>(
     // pure we feed the given pairs through a TOML-like provider instead.
     let mut env_fig = Figment::new();
     for (k, v) in env {
-        if let Some(rest) = k.strip_prefix("CREWMESH_") {
+        // Only `CREWMESH_<SECTION>__<FIELD>` and `CREWMESH_TRUST_DOMAIN` are config;
+        // other CREWMESH_ variables (the CLI's CREWMESH_API_KEY, say) are not.
+        if let Some(rest) = k
+            .strip_prefix("CREWMESH_")
+            .filter(|r| r.contains("__") || *r == "TRUST_DOMAIN")
+        {
             let key = rest.to_ascii_lowercase().replace("__", ".");
             env_fig = env_fig.merge((key, parse_env_value(v)));
         }
@@ -373,12 +378,17 @@ mod tests {
             "[server]\ngrpc_addr = \"127.0.0.1:1\"\n[tls]\nca_file = \"a\"\ncert_file = \"b\"\nkey_file = \"c\"\n",
         )
         .unwrap();
-        let env = vec![(
-            "CREWMESH_SERVER__SHUTDOWN_GRACE_SECS".to_owned(),
-            "7".to_owned(),
-        )];
+        let env = vec![
+            (
+                "CREWMESH_SERVER__SHUTDOWN_GRACE_SECS".to_owned(),
+                "7".to_owned(),
+            ),
+            ("CREWMESH_API_KEY".to_owned(), "not config".to_owned()),
+            ("CREWMESH_TRUST_DOMAIN".to_owned(), "example.org".to_owned()),
+        ];
         let c: CommonConfig = load(Some(&path), &env).unwrap();
         assert_eq!(c.server.shutdown_grace_secs, 7);
+        assert_eq!(c.trust_domain, "example.org");
         assert_eq!(c.server.grpc_addr, Some("127.0.0.1:1".parse().unwrap()));
 
         std::fs::write(

@@ -24,19 +24,23 @@ pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Turns on logs for the test run when `TEST_LOG` is set.
+/// Installs the process's tracing (as services do in production, so trace ids are
+/// created and propagated); log lines are printed only when `TEST_LOG` is set.
 pub fn init_test_logs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            let cfg = crewmesh_kit::telemetry::TelemetryConfig {
-                log_level: std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-                log_format: crewmesh_kit::telemetry::LogFormat::Pretty,
-                otlp_endpoint: None,
-            };
-            if let Ok(guard) = crewmesh_kit::telemetry::init("crewmesh-test", &cfg) {
-                std::mem::forget(guard);
-            }
+        let verbose = std::env::var_os("TEST_LOG").is_some();
+        let cfg = crewmesh_kit::telemetry::TelemetryConfig {
+            log_level: if verbose {
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into())
+            } else {
+                "off".into()
+            },
+            log_format: crewmesh_kit::telemetry::LogFormat::Pretty,
+            otlp_endpoint: None,
+        };
+        if let Ok(guard) = crewmesh_kit::telemetry::init("crewmesh-test", &cfg) {
+            std::mem::forget(guard);
         }
     });
 }
