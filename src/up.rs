@@ -122,7 +122,8 @@ type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
 /// Starts the mesh and returns once it is ready; the returned handle stops it.
 pub struct RunningMesh {
     pub state: State,
-    stop: watch::Sender<bool>,
+    /// In start order.
+    stops: Vec<watch::Sender<bool>>,
     stop_sim: watch::Sender<bool>,
     tasks: Tasks,
     sim: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -132,15 +133,23 @@ pub struct RunningMesh {
 impl RunningMesh {
     /// Signals every service to drain and waits for them.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
         let mut failed = Vec::new();
-        while let Some(joined) = self.tasks.join_next().await {
-            match joined {
-                Ok((svc, Err(e))) => failed.push(format!("{svc}: {e:#}")),
-                Ok((_, Ok(()))) => {}
-                Err(e) => failed.push(format!("task: {e}")),
+        for stop in self.stops.iter().rev() {
+            let _ = stop.send(true);
+            // Wait for that service (or whichever finishes first) before the next.
+            match self.tasks.join_next().await {
+                Some(Ok((svc, Err(e)))) => failed.push(format!("{svc}: {e:#}")),
+                Some(Ok((_, Ok(())))) => {}
+                Some(Err(e)) => failed.push(format!("task: {e}")),
+                None => break,
             }
         }
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok((svc, Err(e))) = joined {
+                failed.push(format!("{svc}: {e:#}"));
+            }
+        }
+
         // The simulated upstream stands in for an external provider: it stays up until
         // the services have drained, so in-flight model calls can finish.
         let _ = self.stop_sim.send(true);
@@ -178,9 +187,13 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     }
     let key = admin_key(&data_dir.join("admin-api-key"))?;
     let metrics = MetricsRegistry::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop = move || {
-        let mut rx = stop_rx.clone();
+    // One stop signal per service, so shutdown can go in reverse start order: the
+    // edge stops first and audit last, and every service's final audit and usage
+    // flush still finds its destination up.
+    let mut stops: Vec<watch::Sender<bool>> = Vec::new();
+    let mut stop = || {
+        let (tx, mut rx) = watch::channel(false);
+        stops.push(tx);
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
@@ -428,7 +441,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     state.write(&data_dir).context("writing state.json")?;
     Ok(RunningMesh {
         state,
-        stop: stop_tx,
+        stops,
         stop_sim,
         tasks,
         sim,

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod cli;
 mod config_errors;
 mod gateway_errors;
 mod health;

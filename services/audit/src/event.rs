@@ -14,6 +14,9 @@ pub const DEFAULT_CHAIN: &str = "main";
 /// The tenant of events that belong to no tenant (actions a service takes by itself).
 pub const SYSTEM_TENANT: &str = "_system";
 
+/// The owner of shared (global) resources, such as `_global` config documents.
+pub const GLOBAL_TENANT: &str = "_global";
+
 /// `prev_hash` of the first event of a chain: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -86,11 +89,14 @@ impl NewEvent {
             })?
             .hyphenated()
             .to_string();
-        if input.tenant != SYSTEM_TENANT && TenantId::parse(&input.tenant).is_err() {
+        if input.tenant != SYSTEM_TENANT
+            && input.tenant != GLOBAL_TENANT
+            && TenantId::parse(&input.tenant).is_err()
+        {
             return Err(EventProblem::new(
                 "tenant",
                 format!(
-                    "`{}` is not a tenant id (1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit) nor `{SYSTEM_TENANT}`",
+                    "`{}` is not a tenant id (1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit) nor `{SYSTEM_TENANT}` or `{GLOBAL_TENANT}`",
                     truncate(&input.tenant)
                 ),
             ));
@@ -689,7 +695,7 @@ mod tests {
             (|i| i.id = String::new(), "id"),
             (|i| i.tenant = String::new(), "tenant"),
             (|i| i.tenant = "Acme".into(), "tenant"),
-            (|i| i.tenant = "_global".into(), "tenant"),
+            (|i| i.tenant = "_other".into(), "tenant"),
             (|i| i.action = String::new(), "action"),
             (|i| i.action = "Config.Put".into(), "action"),
             (|i| i.action = "a".repeat(129), "action"),

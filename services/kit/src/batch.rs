@@ -149,6 +149,19 @@ async fn run<T: Clone + Send + 'static>(
     }
 }
 
+/// Failures worth another attempt: the destination was unreachable or busy.
+fn is_transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+    )
+}
+
 /// Attempts per batch before it is counted as dropped.
 const MAX_ATTEMPTS: u32 = 6;
 
@@ -163,6 +176,15 @@ async fn deliver<T: Clone>(
         match send(items.clone()).await {
             Ok(()) => {
                 stats.sent.fetch_add(items.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(status) if !is_transient(status.code()) => {
+                // The destination refused the batch itself: resending cannot help.
+                stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .dropped
+                    .fetch_add(items.len() as u64, Ordering::Relaxed);
+                tracing::error!(client = name, code = ?status.code(), message = status.message(), items = items.len(), "batch refused; dropped");
                 return;
             }
             Err(status) => {
