@@ -9,5 +9,6 @@ mod config_errors;
 mod gateway_errors;
 mod health;
 mod mtls;
+mod python;
 mod shutdown;
 mod walking_skeleton;
