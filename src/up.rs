@@ -221,6 +221,19 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
             );
         };
 
+    // Records a started service's addresses (later services dial them) and runs it
+    // until its own stop signal.
+    macro_rules! launch {
+        ($svc:expr, $app:ident) => {{
+            record($svc, $app.grpc_addr(), $app.admin_addr(), &mut peers);
+            let stop = stop();
+            tasks.spawn(async move {
+                let result = $app.run_until_stopped(stop).await;
+                ($svc, result.map_err(anyhow::Error::from))
+            });
+        }};
+    }
+
     // The simulated model upstream (plain HTTP on loopback, labelled simulated).
     let sim =
         crewmesh_simulated_upstream::SimulatedUpstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -243,22 +256,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     )
     .await
     .context("starting the audit service")?;
-    record(
-        Service::Audit,
-        audit.grpc_addr(),
-        audit.admin_addr(),
-        &mut peers,
-    );
-    let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::Audit,
-            audit
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    launch!(Service::Audit, audit);
 
     let config = crewmesh_config::Application::build(
         crewmesh_config::ConfigServiceConfig {
@@ -283,22 +281,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     )
     .await
     .context("starting the config service")?;
-    record(
-        Service::Config,
-        config.grpc_addr(),
-        config.admin_addr(),
-        &mut peers,
-    );
-    let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::Config,
-            config
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    launch!(Service::Config, config);
     seed_config(
         &pki,
         &td,
@@ -317,22 +300,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     )
     .await
     .context("starting the metrics service")?;
-    record(
-        Service::Metrics,
-        metrics_svc.grpc_addr(),
-        metrics_svc.admin_addr(),
-        &mut peers,
-    );
-    let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::Metrics,
-            metrics_svc
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    launch!(Service::Metrics, metrics_svc);
 
     let router = crewmesh_router::Application::build(
         crewmesh_router::RouterConfig {
@@ -343,22 +311,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     )
     .await
     .context("starting the router")?;
-    record(
-        Service::Router,
-        router.grpc_addr(),
-        router.admin_addr(),
-        &mut peers,
-    );
-    let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::Router,
-            router
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    launch!(Service::Router, router);
 
     let agents = crewmesh_agent_runtime::Application::build(
         crewmesh_agent_runtime::AgentRuntimeConfig {
@@ -369,22 +322,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     )
     .await
     .context("starting the agent runtime")?;
-    record(
-        Service::AgentRuntime,
-        agents.grpc_addr(),
-        agents.admin_addr(),
-        &mut peers,
-    );
-    let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::AgentRuntime,
-            agents
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    launch!(Service::AgentRuntime, agents);
 
     let gateway = crewmesh_gateway::Application::build(
         crewmesh_gateway::GatewayConfig {
