@@ -36,6 +36,9 @@ pub struct FileConfig {
     pub gateway: Option<GatewaySection>,
     #[serde(default)]
     pub router: Option<RouterSection>,
+    /// Audit only: signed checkpoints (`[checkpoints]`).
+    #[serde(default)]
+    pub checkpoints: Option<crewmesh_audit::CheckpointConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +51,12 @@ pub struct GatewaySection {
     pub bootstrap_api_key_file: Option<PathBuf>,
     #[serde(default = "default_upstream_secs")]
     pub upstream_timeout_secs: u64,
+    /// OIDC bearer tokens (besides API keys).
+    #[serde(default)]
+    pub oidc: Option<crewmesh_gateway::oidc::OidcSection>,
+    /// Replica membership in etcd, so tenant limits hold across gateway replicas.
+    #[serde(default)]
+    pub membership: Option<crewmesh_gateway::replicas::MembershipSection>,
 }
 
 fn default_http() -> SocketAddr {
@@ -200,7 +209,21 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 http_addr: default_http(),
                 bootstrap_api_key_file: None,
                 upstream_timeout_secs: default_upstream_secs(),
+                oidc: None,
+                membership: None,
             });
+            let oidc = g
+                .oidc
+                .map(|o| o.into_config().map(Box::new))
+                .transpose()
+                .map_err(|problem| {
+                    ConfigError::Invalid(vec![settings::FieldError {
+                        field: "gateway.oidc.role_map".into(),
+                        problem,
+                        fix: "map claim values to admin, operator, developer, auditor or viewer"
+                            .into(),
+                    }])
+                })?;
             let bootstrap_api_key = match &g.bootstrap_api_key_file {
                 Some(path) => Some(read_secret_file(path).map_err(|e| {
                     ConfigError::Invalid(vec![settings::FieldError {
@@ -216,6 +239,11 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 http_addr: g.http_addr,
                 bootstrap_api_key,
                 upstream_timeout: Duration::from_secs(g.upstream_timeout_secs),
+                edge: crewmesh_gateway::EdgeConfig {
+                    oidc,
+                    membership: g.membership.map(Into::into),
+                    ..Default::default()
+                },
             };
             c.validate()?;
             ServiceConfig::Gateway(c)
@@ -242,6 +270,7 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
             let c = crewmesh_audit::AuditConfig {
                 common,
                 database: database.expect("checked above"),
+                checkpoints: f.checkpoints.unwrap_or_default(),
             };
             c.validate()?;
             ServiceConfig::Audit(c)

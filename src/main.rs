@@ -3,7 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+mod audit_cli;
 mod chat;
+mod config_cli;
+mod keys_cli;
 
 use crewmesh::{file_config, state, up};
 
@@ -89,6 +92,14 @@ enum Command {
         #[arg(long, default_value = ".crewmesh")]
         data_dir: PathBuf,
     },
+    /// Create, list and revoke API keys through the gateway.
+    Keys(keys_cli::KeysArgs),
+    /// Verify, export and inspect the audit trail through the gateway.
+    Audit(audit_cli::AuditArgs),
+    /// Read and change config documents through the gateway (get, list, put, apply, history, rollback).
+    Config(config_cli::ConfigArgs),
+    /// Evaluate feature flags through the gateway's OFREP endpoint.
+    Flags(config_cli::FlagsArgs),
     /// Run only the simulated OpenAI-compatible upstream (deterministic, not a real model).
     SimulatedUpstream {
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -220,6 +231,34 @@ async fn run(cli: Cli) -> ExitCode {
             data_dir,
         } => match chat::run(&prompt, &model, gateway, api_key, &data_dir).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keys(args) => match keys_cli::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Config(args) => match config_cli::run_config(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Flags(args) => match config_cli::run_flags(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Audit(args) => match audit_cli::run(args).await {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE

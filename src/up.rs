@@ -251,6 +251,9 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         crewmesh_audit::AuditConfig {
             common: common(Service::Audit, PeersConfig::default()),
             database: database(&opts.databases, &data_dir, Service::Audit),
+            checkpoints: crewmesh_audit::CheckpointConfig::with_key_file(
+                data_dir.join("audit-signing-key.pk8"),
+            ),
         },
         metrics.clone(),
     )
@@ -336,6 +339,10 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
             http_addr: opts.gateway_addr,
             bootstrap_api_key: Some(key.clone()),
             upstream_timeout: Duration::from_secs(120),
+            edge: crewmesh_gateway::EdgeConfig {
+                config_refresh: opts.refresh_interval,
+                ..Default::default()
+            },
         },
         metrics.clone(),
     )

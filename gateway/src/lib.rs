@@ -9,9 +9,14 @@
 
 pub mod auth;
 mod extract;
+pub mod limits;
+pub mod oidc;
 pub mod problem;
+pub mod rbac;
+pub mod replicas;
 mod routes;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,12 +31,15 @@ use axum::response::Response;
 use axum::routing::{any, get, post};
 use crewmesh_kit::admin::Readiness;
 use crewmesh_kit::clients::{MeshChannel, Peers};
+use crewmesh_kit::config_cache::ConfigCache;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::settings::{CommonConfig, ConfigError, Problems, Secret};
 use crewmesh_kit::tls::MeshTls;
 use crewmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
 use crewmesh_proto::audit::v1::audit_service_client::AuditServiceClient;
+use crewmesh_proto::config::v1::Kind;
+use crewmesh_proto::config::v1::config_service_client::ConfigServiceClient;
 use crewmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use crewmesh_proto::router::v1::router_service_client::RouterServiceClient;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -41,7 +49,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::auth::KeyRing;
+use crate::auth::{KeyRing, KeySource};
+use crate::extract::Authenticated;
+use crate::problem::Problem;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -55,6 +65,33 @@ pub struct GatewayConfig {
     pub bootstrap_api_key: Option<Secret>,
     /// Deadline for a model call through the mesh.
     pub upstream_timeout: Duration,
+    /// Authentication and limit settings of the edge.
+    pub edge: EdgeConfig,
+}
+
+/// Settings of the gateway's authentication and limits.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// How often the gateway re-reads its config documents (API keys, tenants).
+    pub config_refresh: Duration,
+    /// Replica membership in etcd, so limits are shared by the replicas; `None` for a
+    /// single gateway.
+    pub membership: Option<replicas::MembershipConfig>,
+    /// How long a tenant's month-to-date spend is reused before asking metrics again.
+    pub spend_cache_ttl: Duration,
+    /// OIDC bearer tokens, besides API keys; `None` accepts API keys only.
+    pub oidc: Option<Box<oidc::OidcConfig>>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            config_refresh: Duration::from_secs(1),
+            membership: None,
+            spend_cache_ttl: Duration::from_secs(5),
+            oidc: None,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -67,6 +104,7 @@ impl GatewayConfig {
                 Service::AgentRuntime,
                 Service::Audit,
                 Service::Metrics,
+                Service::Config,
             ],
             &mut p,
         );
@@ -78,6 +116,11 @@ impl GatewayConfig {
                 "the key is shorter than 16 characters",
                 "use a long random key, e.g. `crewmesh keys generate`",
             );
+        }
+        if let Some(o) = &self.edge.oidc {
+            for (field, problem, fix) in o.problems() {
+                p.add(field, problem, fix);
+            }
         }
         p.into_result()
     }
@@ -101,6 +144,16 @@ pub enum GatewayError {
 #[derive(Clone)]
 pub struct AppState {
     pub keys: Arc<ArcSwap<KeyRing>>,
+    /// Rebuilds `keys` from apikey documents and this gateway's own key changes.
+    pub key_source: Arc<KeySource>,
+    /// The config service, for API key documents.
+    pub config_store: ConfigServiceClient<MeshChannel>,
+    /// Tenant limits and budgets from `_global` tenant documents.
+    pub tenant_policies: Arc<ArcSwap<HashMap<String, limits::TenantPolicy>>>,
+    pub limiter: Arc<limits::Limiter>,
+    pub spend: Arc<limits::SpendCache>,
+    /// Verifies OIDC tokens when configured.
+    pub oidc: Option<Arc<oidc::OidcVerifier>>,
     pub router: RouterServiceClient<MeshChannel>,
     pub agents: AgentServiceClient<MeshChannel>,
     pub audit: AuditServiceClient<MeshChannel>,
@@ -208,6 +261,71 @@ async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: 
     resp
 }
 
+/// The caller of a request: an OIDC token when OIDC is configured and the bearer
+/// credential is a JWT, else an API key; with the key's own (rpm, tpm).
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<
+    (
+        crewmesh_kit::principal::Principal,
+        (Option<u64>, Option<u64>),
+    ),
+    Problem,
+> {
+    if let Some(verifier) = &state.oidc {
+        let token = auth::bearer(headers)?;
+        if oidc::looks_like_jwt(token) {
+            return Ok((verifier.verify(token).await?, (None, None)));
+        }
+    }
+    let keys = state.keys.load();
+    let entry = keys.authenticate(headers)?;
+    Ok((entry.principal.clone(), (entry.rpm, entry.tpm)))
+}
+
+/// Authenticates the caller of every API route and checks that its roles grant the
+/// route's permission (see [`rbac`]); leaves the principal in the request for the
+/// handler.
+async fn authorize(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    use axum::response::IntoResponse;
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let Some(perm) = route.and_then(|r| rbac::required(req.method(), &r, req.uri().path())) else {
+        return next.run(req).await;
+    };
+    let (principal, key_limits) = match authenticate(&state, req.headers()).await {
+        Ok(v) => v,
+        Err(p) => return p.into_response(),
+    };
+    tracing::Span::current().record("subject", principal.subject.as_str());
+    if !rbac::grants(&principal, perm) {
+        let roles = principal
+            .roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Problem::forbidden(format!(
+            "this needs the permission {perm}; your roles ({roles}) do not grant it"
+        ))
+        .into_response();
+    }
+    if perm == rbac::Permission::ModelsInvoke
+        && let Err(resp) = limits::check(&state, &principal, key_limits).await
+    {
+        return resp;
+    }
+    req.extensions_mut().insert(Authenticated(principal));
+    next.run(req).await
+}
+
 async fn fallback(uri: axum::http::Uri) -> problem::Problem {
     problem::Problem::not_found(format!("no route for {}", uri.path()))
 }
@@ -219,6 +337,11 @@ pub fn api(state: AppState) -> Router {
         .route("/v1/models", get(routes::chat::models))
         .route("/v1/usage", get(routes::usage::usage))
         .route("/v1/audit/events", get(routes::audit::events))
+        .route("/v1/audit/export", get(routes::audit::export))
+        .route("/v1/audit/verify", get(routes::audit::verify))
+        .route("/v1/audit/checkpoints", get(routes::audit::checkpoints))
+        .route("/v1/audit/public-key", get(routes::audit::public_key))
+        .route("/v1/audit/report", get(routes::audit::report))
         .route("/v1/runs", post(routes::runs::start))
         .route("/v1/runs/{id}", get(routes::runs::get))
         .route("/v1/agents", any(routes::not_implemented))
@@ -226,11 +349,44 @@ pub fn api(state: AppState) -> Router {
         .route("/v1/runs/{id}/{*rest}", any(routes::not_implemented))
         .route("/v1/crews", any(routes::not_implemented))
         .route("/v1/crews/{*rest}", any(routes::not_implemented))
-        .route("/v1/config/{*rest}", any(routes::not_implemented))
+        .route("/v1/config/apply", post(routes::config::apply))
+        .route("/v1/config/schemas/{kind}", get(routes::config::schema))
+        .route("/v1/config/{kind}", get(routes::config::list))
+        .route(
+            "/v1/config/{kind}/{name}",
+            get(routes::config::get)
+                .put(routes::config::put)
+                .delete(routes::config::delete),
+        )
+        .route(
+            "/v1/config/{kind}/{name}/history",
+            get(routes::config::history),
+        )
+        .route(
+            "/v1/config/{kind}/{name}/rollback",
+            post(routes::config::rollback),
+        )
         .route("/v1/flags/{*rest}", any(routes::not_implemented))
+        .route(
+            "/ofrep/v1/evaluate/flags",
+            post(routes::ofrep::evaluate_all),
+        )
+        .route(
+            "/ofrep/v1/evaluate/flags/{key}",
+            post(routes::ofrep::evaluate_one),
+        )
         .route("/ofrep/v1/{*rest}", any(routes::not_implemented))
         .route("/v1/audit/{*rest}", any(routes::not_implemented))
+        .route(
+            "/v1/keys",
+            post(routes::keys::create).get(routes::keys::list),
+        )
+        .route("/v1/keys/{id}", axum::routing::delete(routes::keys::revoke))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -243,6 +399,7 @@ pub struct Application {
     readiness: Readiness,
     metrics: MetricsRegistry,
     grace: Duration,
+    membership: Option<replicas::Membership>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -262,10 +419,40 @@ impl Application {
         tls.spawn_reloader(Duration::from_secs(5));
         let peers = Peers::new(&common.trust_domain, common.peers.clone(), tls);
         let startup = |e: crewmesh_kit::clients::PeerError| GatewayError::Startup(e.to_string());
+        let readiness = Readiness::new();
+        let config_store = peers.config().map_err(startup)?;
+        let key_source = Arc::new(KeySource::new(config.bootstrap_api_key.clone()));
+        let key_docs = ConfigCache::spawn(
+            config_store.clone(),
+            vec![Kind::Apikey, Kind::Tenant],
+            config.edge.config_refresh,
+            readiness.clone(),
+            &metrics,
+        );
+        key_source.clone().follow(&key_docs);
+        let tenant_policies = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        limits::follow_policies(&key_docs, tenant_policies.clone());
+        let replica_count = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let membership = match &config.edge.membership {
+            Some(m) => Some(
+                replicas::Membership::join(m, replica_count.clone())
+                    .await
+                    .map_err(|e| GatewayError::Startup(e.to_string()))?,
+            ),
+            None => None,
+        };
         let state = AppState {
-            keys: Arc::new(ArcSwap::from_pointee(KeyRing::with_bootstrap(
-                config.bootstrap_api_key.as_ref(),
-            ))),
+            keys: key_source.ring().clone(),
+            key_source,
+            config_store,
+            tenant_policies,
+            limiter: Arc::new(limits::Limiter::new(replica_count)),
+            spend: Arc::new(limits::SpendCache::new(config.edge.spend_cache_ttl)),
+            oidc: config
+                .edge
+                .oidc
+                .clone()
+                .map(|o| Arc::new(oidc::OidcVerifier::new(*o))),
             router: peers.router().map_err(startup)?,
             agents: AgentServiceClient::new(peers.channel(Service::AgentRuntime).map_err(startup)?),
             audit: peers.audit().map_err(startup)?,
@@ -279,7 +466,8 @@ impl Application {
             http,
             admin,
             router: api(state),
-            readiness: Readiness::new(),
+            readiness,
+            membership,
             metrics,
             grace: common.server.grace(),
         })
@@ -327,6 +515,9 @@ impl Application {
             "shutting down: draining in-flight requests"
         );
         self.readiness.set_not_ready("server", "shutting down");
+        if let Some(m) = self.membership {
+            m.leave().await;
+        }
         let _ = stop_tx.send(true);
         match tokio::time::timeout(self.grace, async { (http.await, admin.await) }).await {
             Ok((Ok(Err(e)), _)) | Ok((_, Ok(Err(e)))) => return Err(GatewayError::Serve(e)),

@@ -53,3 +53,8 @@ ensure_python() {
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
   python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 }
+
+# The gateway's OIDC tests make RSA keys with the openssl command.
+ensure_openssl() {
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+}

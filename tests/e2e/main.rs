@@ -4,11 +4,17 @@
 
 mod harness;
 
+mod audit;
 mod cli;
 mod config_errors;
+mod config_plane;
+mod gateway_auth;
 mod gateway_errors;
 mod health;
 mod mtls;
 mod python;
+mod routing;
 mod shutdown;
+mod streaming;
+mod up_process;
 mod walking_skeleton;

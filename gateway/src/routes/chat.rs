@@ -18,16 +18,22 @@ pub async fn completions(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatRequest>,
 ) -> Result<Response, Problem> {
-    if body.stream == Some(true) {
-        return Err(Problem::not_implemented(
-            "streaming chat completions (stream: true)",
-        ));
-    }
     let mut req = request_to_proto(&body).map_err(|e| Problem::bad_request(e.to_string()))?;
     req.request_id = crate::request_id(&headers);
+    if body.stream == Some(true) {
+        let include_usage = super::stream::include_usage(body.stream_options.as_ref());
+        return super::stream::completions(&state, &principal, req, include_usage).await;
+    }
     let mut call = with_principal(req, &principal);
     call.set_timeout(state.upstream_timeout);
     let resp = state.router.clone().complete(call).await?.into_inner();
+    if let Some(u) = resp.usage {
+        state.limiter.debit_tokens(
+            principal.tenant.as_str(),
+            &principal.subject,
+            u.total_tokens,
+        );
+    }
     let simulated = resp.call.as_ref().is_some_and(|c| c.simulated);
     let mut out = Json(response_from_proto(&resp)).into_response();
     if let Some(call) = &resp.call {

@@ -2,7 +2,11 @@
 
 pub mod audit;
 pub mod chat;
+pub mod config;
+pub mod keys;
+pub mod ofrep;
 pub mod runs;
+pub mod stream;
 pub mod usage;
 
 use crate::problem::Problem;

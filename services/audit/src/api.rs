@@ -2,27 +2,98 @@
 //! already checked the caller's identity against the allow-list; handlers convert
 //! the messages into checked domain types and call the store.
 
+use std::sync::Arc;
+
 use crewmesh_kit::principal::require_principal;
-use crewmesh_kit::status::{not_implemented, to_status};
+use crewmesh_kit::status::to_status;
 use crewmesh_proto::audit::v1 as pb;
 use crewmesh_proto::audit::v1::audit_service_server::AuditService;
 use crewmesh_proto::types::v1::Outcome;
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::{Checkpointer, PublicKey};
 use crate::error::{AuditError, Result};
 use crate::event::{DEFAULT_CHAIN, NewEvent};
+use crate::export::{ExportFormat, export_stream};
 use crate::page;
 use crate::store::{AuditStore, EventQuery};
+use crate::verify::verify_chain;
 
 /// The gRPC service over a store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuditApi<S> {
     store: S,
+    checkpointer: Option<Arc<Checkpointer<S>>>,
+    public_key: Option<PublicKey>,
 }
 
 impl<S: AuditStore> AuditApi<S> {
+    /// Without a signing key: no checkpoints are taken.
     pub fn new(store: S) -> Self {
-        Self { store }
+        Self {
+            store,
+            checkpointer: None,
+            public_key: None,
+        }
+    }
+
+    /// Wakes `checkpointer` after appends and serves its public key.
+    pub fn with_checkpointer(store: S, checkpointer: Arc<Checkpointer<S>>) -> Self {
+        Self {
+            store,
+            public_key: Some(checkpointer.public_key()),
+            checkpointer: Some(checkpointer),
+        }
+    }
+
+    async fn verify(&self, request: pb::VerifyRequest) -> Result<pb::VerifyResponse> {
+        let chain = chain_name(&request.chain)?;
+        let from = i64::try_from(request.from_sequence).map_err(|_| {
+            AuditError::InvalidFilter("from_sequence is beyond the largest sequence".into())
+        })?;
+        let report = verify_chain(&self.store, chain, from, self.public_key.as_ref()).await?;
+        match &report.first_broken {
+            Some(b) => tracing::warn!(
+                chain,
+                sequence = b.sequence,
+                reason = %b.reason,
+                "audit chain verification failed"
+            ),
+            None => tracing::info!(
+                chain,
+                events = report.events_verified,
+                checkpoints = report.checkpoints_verified,
+                "audit chain verified"
+            ),
+        }
+        Ok(report.into_proto())
+    }
+
+    async fn checkpoints(
+        &self,
+        request: pb::CheckpointsRequest,
+    ) -> Result<pb::CheckpointsResponse> {
+        let chain = chain_name(&request.chain)?;
+        let page_request = request.page.unwrap_or_default();
+        let limit = page::page_size(page_request.page_size);
+        let after = page::decode(&page_request.page_token)?.unwrap_or(0);
+        let mut checkpoints = self.store.checkpoints(chain, after, limit + 1).await?;
+        let mut next_page_token = String::new();
+        if checkpoints.len() > limit as usize {
+            checkpoints.truncate(limit as usize);
+            if let Some(last) = checkpoints.last() {
+                next_page_token = page::encode(last.sequence);
+            }
+        }
+        Ok(pb::CheckpointsResponse {
+            checkpoints: checkpoints.into_iter().map(|c| c.into_proto()).collect(),
+            next_page_token,
+            public_key: self
+                .public_key
+                .as_ref()
+                .map(PublicKey::to_base64)
+                .unwrap_or_default(),
+        })
     }
 
     async fn append(&self, request: pb::AppendRequest) -> Result<pb::AppendResponse> {
@@ -39,6 +110,9 @@ impl<S: AuditStore> AuditApi<S> {
             })
             .collect::<Result<Vec<_>>>()?;
         let outcome = self.store.append(DEFAULT_CHAIN, events).await?;
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.appended(outcome.head_sequence);
+        }
         tracing::debug!(
             appended = outcome.appended,
             duplicates = outcome.duplicates,
@@ -73,8 +147,18 @@ impl<S: AuditStore> AuditApi<S> {
     }
 }
 
+/// The chain a request names (empty: the default chain).
+fn chain_name(chain: &str) -> Result<&str> {
+    match chain {
+        "" | DEFAULT_CHAIN => Ok(DEFAULT_CHAIN),
+        other => Err(AuditError::InvalidFilter(format!(
+            "chain `{other}` does not exist: the only chain is `{DEFAULT_CHAIN}`"
+        ))),
+    }
+}
+
 /// The store query for a tenant and a wire filter.
-fn event_query(tenant: &str, filter: pb::EventFilter, limit: u32) -> Result<EventQuery> {
+pub(crate) fn event_query(tenant: &str, filter: pb::EventFilter, limit: u32) -> Result<EventQuery> {
     let mut query = EventQuery::new(DEFAULT_CHAIN, tenant, limit);
     query.from_micros = filter.from.as_ref().map(crewmesh_proto::time::to_micros);
     query.to_micros = filter.to.as_ref().map(crewmesh_proto::time::to_micros);
@@ -129,28 +213,53 @@ impl<S: AuditStore> AuditService for AuditApi<S> {
             .map_err(|e| to_status(&e))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn verify(
         &self,
-        _request: Request<pb::VerifyRequest>,
+        request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        Err(not_implemented("crewmesh.audit.v1.AuditService/Verify"))
+        self.verify(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 
     type ExportStream = ExportStream;
 
+    #[tracing::instrument(skip_all)]
     async fn export(
         &self,
-        _request: Request<pb::ExportRequest>,
+        request: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        Err(not_implemented("crewmesh.audit.v1.AuditService/Export"))
+        let principal = require_principal(&request)?;
+        let request = request.into_inner();
+        let format = ExportFormat::try_from(request.format).map_err(|e| to_status(&e))?;
+        let mut query = event_query(
+            principal.tenant.as_str(),
+            request.filter.unwrap_or_default(),
+            crate::export::EXPORT_PAGE,
+        )
+        .map_err(|e| to_status(&e))?;
+        query.ascending = true;
+        let stream = export_stream(self.store.clone(), query, format);
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            stream,
+            |chunk| {
+                chunk
+                    .map(|data| pb::ExportResponse { data })
+                    .map_err(|e| to_status(&e))
+            },
+        ))))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn checkpoints(
         &self,
-        _request: Request<pb::CheckpointsRequest>,
+        request: Request<pb::CheckpointsRequest>,
     ) -> Result<Response<pb::CheckpointsResponse>, Status> {
-        Err(not_implemented(
-            "crewmesh.audit.v1.AuditService/Checkpoints",
-        ))
+        self.checkpoints(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 }

@@ -30,6 +30,13 @@ pub enum AuditError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the chain head of `{chain}` is corrupt: {problem}")]
     CorruptHead { chain: String, problem: String },
+    #[error("audit signing key {path}: {problem}")]
+    SigningKey {
+        path: std::path::PathBuf,
+        problem: String,
+    },
+    #[error("verification task failed: {0}")]
+    Verify(String),
     #[error("tls: {0}")]
     Tls(#[from] crewmesh_kit::tls::TlsError),
     #[error(transparent)]
@@ -48,6 +55,8 @@ impl ServiceError for AuditError {
             | AuditError::PasswordFile { .. }
             | AuditError::Migrate(_)
             | AuditError::CorruptHead { .. }
+            | AuditError::SigningKey { .. }
+            | AuditError::Verify(_)
             | AuditError::Tls(_)
             | AuditError::Server(_) => ErrorClass::Internal,
         }

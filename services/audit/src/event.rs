@@ -303,15 +303,15 @@ impl EventRecord {
 pub fn canonical_bytes(event: &EventRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(320 + event.details_json.len());
     out.push(b'[');
-    out.extend_from_slice(ENCODING_VERSION.to_string().as_bytes());
+    write_int(&mut out, i64::from(ENCODING_VERSION));
     out.push(b',');
     write_json_string(&mut out, &event.chain);
     out.push(b',');
-    out.extend_from_slice(event.sequence.to_string().as_bytes());
+    write_int(&mut out, event.sequence);
     out.push(b',');
     write_json_string(&mut out, &event.id);
     out.push(b',');
-    out.extend_from_slice(event.time_micros.to_string().as_bytes());
+    write_int(&mut out, event.time_micros);
     for s in [
         &event.tenant,
         &event.actor_subject,
@@ -324,7 +324,7 @@ pub fn canonical_bytes(event: &EventRecord) -> Vec<u8> {
         write_json_string(&mut out, s);
     }
     out.push(b',');
-    out.extend_from_slice(event.outcome.to_string().as_bytes());
+    write_int(&mut out, i64::from(event.outcome));
     for s in [
         &event.request_id,
         &event.trace_id,
@@ -338,13 +338,40 @@ pub fn canonical_bytes(event: &EventRecord) -> Vec<u8> {
     out
 }
 
+/// Writes a decimal integer without allocating.
+pub(crate) fn write_int(out: &mut Vec<u8>, n: i64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 /// Lower-case hex SHA-256 of [`canonical_bytes`].
 pub fn event_hash(event: &EventRecord) -> String {
     hex::encode(Sha256::digest(canonical_bytes(event)))
 }
 
+/// Whether `hash` is the lower-case hex SHA-256 of [`canonical_bytes`] of `event`
+/// (without allocating the hex text).
+pub fn hash_matches(event: &EventRecord, hash: &str) -> bool {
+    let mut hex_buf = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(canonical_bytes(event)), &mut hex_buf).is_ok()
+        && hex_buf.as_slice() == hash.as_bytes()
+}
+
 /// Writes `s` as a JSON string with the escapes documented on [`canonical_bytes`].
-fn write_json_string(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_json_string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();
@@ -556,6 +583,15 @@ mod tests {
             record.hash,
             hex::encode(Sha256::digest(expected.as_bytes()))
         );
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for n in [0, 1, -1, 9, 10, 1_700_000_000_000_000, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            write_int(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), n.to_string());
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ async fn append_and_query_over_mtls() {
             password_file: None,
             max_connections: 4,
         },
+        checkpoints: crewmesh_audit::CheckpointConfig::with_key_file(dir.path().join("key.pk8")),
     };
     let app = Application::build(config, MetricsRegistry::new())
         .await
@@ -222,15 +223,34 @@ async fn append_and_query_over_mtls() {
     let err = gateway.query(query("")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    // Later issues' RPCs say so.
-    let err = gateway
+    // The chain verifies, and the checkpoint key is served.
+    let verified = gateway
         .verify(with_principal(
             pb::VerifyRequest::default(),
             &principal("acme"),
         ))
         .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (verified.ok, verified.events_verified, verified.first_broken),
+        (true, 3, None)
+    );
+    assert_eq!(verified.head_hash, newest.hash);
+    let checkpoints = gateway
+        .checkpoints(pb::CheckpointsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(checkpoints.public_key.len(), 44, "{checkpoints:?}");
+    let err = gateway
+        .verify(pb::VerifyRequest {
+            chain: "other".into(),
+            from_sequence: 0,
+        })
+        .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument);
 
     // The router may append but not read the log.
     let mut router = peers_as(&pki, "router", addr).audit().unwrap();

@@ -45,6 +45,8 @@ pub struct Application {
     store: SharedStore,
     audit: Option<AuditClient>,
     readiness: Readiness,
+    /// Ends open watches at shutdown.
+    stop_watches: tokio::sync::watch::Sender<bool>,
     _tls_reloader: AbortOnDrop,
 }
 
@@ -77,10 +79,10 @@ impl Application {
             None => None,
         };
         let mut server = MeshServer::bind(Service::Config, common, tls, metrics).await?;
-        server.add_service(ConfigServiceServer::new(ConfigApi::new(
-            store.clone(),
-            audit.clone(),
-        )));
+        let (stop_watches, stopping) = tokio::sync::watch::channel(false);
+        server.add_service(ConfigServiceServer::new(
+            ConfigApi::new(store.clone(), audit.clone()).with_stop_signal(stopping),
+        ));
         let readiness = server.readiness();
         tracing::info!(
             grpc = %server.grpc_addr(),
@@ -94,6 +96,7 @@ impl Application {
             store,
             audit,
             readiness,
+            stop_watches,
             _tls_reloader: reloader,
         })
     }
@@ -121,7 +124,14 @@ impl Application {
             self.store.clone(),
             self.readiness.clone(),
         ));
-        let served = self.server.run(shutdown).await;
+        let stop_watches = self.stop_watches;
+        let served = self
+            .server
+            .run(async move {
+                shutdown.await;
+                let _ = stop_watches.send(true);
+            })
+            .await;
         drop(probe);
         if let Some(audit) = &self.audit
             && !audit.flush(AUDIT_FLUSH_TIMEOUT).await

@@ -37,6 +37,11 @@ pub enum ConfigServiceError {
         backend: &'static str,
         reason: String,
     },
+    /// A watch asked for changes the store no longer keeps.
+    #[error(
+        "changes after revision {requested} are no longer kept (compacted up to revision {compacted}): watch again with start_revision 0 to take a fresh snapshot"
+    )]
+    Compacted { requested: i64, compacted: i64 },
     /// A stored value is not a document value.
     #[error("stored value at {key} is not a config document: {reason}")]
     Corrupt { key: String, reason: String },
@@ -78,6 +83,7 @@ impl ServiceError for ConfigServiceError {
             ConfigServiceError::NotFound(_) => ErrorClass::NotFound,
             ConfigServiceError::Conflict { .. } => ErrorClass::Conflict,
             ConfigServiceError::Unavailable { .. } => ErrorClass::Unavailable,
+            ConfigServiceError::Compacted { .. } => ErrorClass::FailedPrecondition,
             ConfigServiceError::Corrupt { .. }
             | ConfigServiceError::Database(_)
             | ConfigServiceError::Migrate(_)

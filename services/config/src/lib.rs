@@ -6,19 +6,23 @@
 //!
 //! - [`settings`]: the typed config and the TOML shape it is read from.
 //! - [`document`]: checked owners, kinds, names, keys and stored values.
-//! - [`spec`]: the checks a document body passes before it is written.
+//! - [`spec`], [`schema`]: the checks a document body passes before it is written,
+//!   and the JSON Schema of every kind.
 //! - [`store`]: the [`store::ConfigStore`] trait and its etcd and embedded stores.
 //! - [`service`]: the gRPC handlers and who may read and write which scope.
+//! - [`watch`]: the `Watch` stream: a snapshot, then every change, with heartbeats.
 
 #![forbid(unsafe_code)]
 
 pub mod application;
 pub mod document;
 pub mod error;
+pub mod schema;
 pub mod service;
 pub mod settings;
 pub mod spec;
 pub mod store;
+pub mod watch;
 
 pub use application::{Application, open_store};
 pub use document::{

@@ -16,7 +16,7 @@ use crewmesh_kit::authz::Caller;
 use crewmesh_kit::clients::AuditClient;
 use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::principal::{Principal, Role, principal_of};
-use crewmesh_kit::status::{not_implemented, to_status};
+use crewmesh_kit::status::to_status;
 use crewmesh_proto::audit::v1 as audit;
 use crewmesh_proto::config::v1 as pb;
 use crewmesh_proto::config::v1::Scope;
@@ -28,7 +28,12 @@ use tonic::{Request, Response, Status};
 use crate::document::{DocKey, DocKind, DocName, DocValue, Owner};
 use crate::error::{ConfigServiceError, Result};
 use crate::spec::parse_spec;
-use crate::store::{ListFilter, ListQuery, SharedStore};
+use crate::store::{ApplyOp, ListFilter, ListQuery, SharedStore};
+
+/// Versions per History page when the caller asks for 0.
+pub const DEFAULT_HISTORY_PAGE: usize = 20;
+/// Largest History page.
+pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// The workload name of the operator CLI's certificate.
 pub const CLI_IDENTITY: &str = "cli";
@@ -92,6 +97,20 @@ pub struct Writer {
     pub owner: Owner,
     /// The principal's subject, or the calling workload's SPIFFE id.
     pub actor: String,
+}
+
+/// API keys grant roles, so only an admin may write them: an operator must not be
+/// able to mint a key with more power than its own.
+pub fn kind_permission(kind: DocKind, caller: &CallerInfo) -> Result<()> {
+    if kind == DocKind::ApiKey
+        && let Some(p) = &caller.principal
+        && !p.has_role(Role::Admin)
+    {
+        return Err(ConfigServiceError::PermissionDenied(
+            "writing apikey documents needs the admin role".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Resolves the scope of a write and checks the caller may write there.
@@ -165,11 +184,26 @@ fn now_micros() -> i64 {
 pub struct ConfigApi {
     store: SharedStore,
     audit: Option<AuditClient>,
+    /// Becomes true when the service shuts down: open watches end so that the
+    /// server can drain.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ConfigApi {
     pub fn new(store: SharedStore, audit: Option<AuditClient>) -> Self {
-        Self { store, audit }
+        // A sender that is never used: watches end only with their clients.
+        let (_, stopping) = tokio::sync::watch::channel(false);
+        Self {
+            store,
+            audit,
+            stopping,
+        }
+    }
+
+    /// Ends open watches when `stopping` becomes true.
+    pub fn with_stop_signal(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     #[tracing::instrument(skip_all, fields(kind = r.kind, name = %r.name))]
@@ -220,6 +254,7 @@ impl ConfigApi {
     ) -> Result<pb::PutResponse> {
         let writer = write_scope(r.scope, &caller)?;
         let kind = DocKind::require(r.kind)?;
+        kind_permission(kind, &caller)?;
         let name = DocName::parse(&r.name)?;
         let spec = parse_spec(kind, &r.spec_json)?;
         let key = DocKey::new(writer.owner.clone(), kind, name);
@@ -228,9 +263,18 @@ impl ConfigApi {
             updated_by: writer.actor.clone(),
             updated_at_micros: now_micros(),
         };
+        let before = self.before(&key).await;
         let doc = self.store.put(&key, &value, r.expected_version).await?;
         tracing::info!(key = %key, version = doc.version, actor = %writer.actor, "config document written");
-        self.record("config.put", &writer, &key, doc.version, request_id);
+        self.record(
+            "config.put",
+            &writer,
+            &key,
+            doc.version,
+            before.as_ref(),
+            Some(&value),
+            request_id,
+        );
         Ok(pb::PutResponse {
             document: Some(doc.to_proto()),
         })
@@ -245,27 +289,285 @@ impl ConfigApi {
     ) -> Result<pb::DeleteResponse> {
         let writer = write_scope(r.scope, &caller)?;
         let kind = DocKind::require(r.kind)?;
+        kind_permission(kind, &caller)?;
         let name = DocName::parse(&r.name)?;
         let key = DocKey::new(writer.owner.clone(), kind, name);
+        let before = self.before(&key).await;
         let revision = self.store.delete(&key, r.expected_version).await?;
         tracing::info!(key = %key, revision, actor = %writer.actor, "config document deleted");
-        self.record("config.delete", &writer, &key, revision, request_id);
+        self.record(
+            "config.delete",
+            &writer,
+            &key,
+            revision,
+            before.as_ref(),
+            None,
+            request_id,
+        );
         Ok(pb::DeleteResponse { revision })
+    }
+
+    #[tracing::instrument(skip_all, fields(kind = r.kind, name = %r.name))]
+    async fn history_of(
+        &self,
+        caller: CallerInfo,
+        r: pb::HistoryRequest,
+    ) -> Result<pb::HistoryResponse> {
+        let kind = DocKind::require(r.kind)?;
+        let name = DocName::parse(&r.name)?;
+        let ReadScope::One(owner) = read_scope(r.scope, &caller, false)? else {
+            return Err(ConfigServiceError::InvalidArgument(
+                "SCOPE_ALL is only valid for List".to_owned(),
+            ));
+        };
+        let page = r.page.unwrap_or_default();
+        let before = if page.page_token.is_empty() {
+            0
+        } else {
+            page.page_token
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    ConfigServiceError::InvalidArgument(
+                        "invalid page_token: pass the next_page_token of the previous History page"
+                            .to_owned(),
+                    )
+                })?
+        };
+        let size = match usize::try_from(page.page_size).unwrap_or(usize::MAX) {
+            0 => DEFAULT_HISTORY_PAGE,
+            n => n.min(MAX_HISTORY_PAGE),
+        };
+        let key = DocKey::new(owner, kind, name);
+        let mut versions = self.store.history(&key, before, size + 1).await?;
+        let next_page_token = if versions.len() > size {
+            versions.truncate(size);
+            versions
+                .last()
+                .map(|d| d.version.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::HistoryResponse {
+            versions: versions.iter().map(|d| d.to_proto()).collect(),
+            next_page_token,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(kind = r.kind, name = %r.name, to_version = r.to_version))]
+    async fn rollback_doc(
+        &self,
+        caller: CallerInfo,
+        request_id: String,
+        r: pb::RollbackRequest,
+    ) -> Result<pb::RollbackResponse> {
+        let writer = write_scope(r.scope, &caller)?;
+        let kind = DocKind::require(r.kind)?;
+        kind_permission(kind, &caller)?;
+        let name = DocName::parse(&r.name)?;
+        if r.to_version <= 0 {
+            return Err(ConfigServiceError::InvalidArgument(format!(
+                "to_version must be a version from the document's History (got {})",
+                r.to_version
+            )));
+        }
+        let key = DocKey::new(writer.owner.clone(), kind, name);
+        let old = self
+            .store
+            .history(&key, r.to_version + 1, 1)
+            .await?
+            .into_iter()
+            .find(|d| d.version == r.to_version)
+            .ok_or_else(|| {
+                ConfigServiceError::NotFound(format!(
+                    "version {} of {key} (see its History for the versions kept)",
+                    r.to_version
+                ))
+            })?;
+        // The old body must still pass today's checks.
+        crate::spec::check_spec(kind, &old.value.spec)?;
+        let value = DocValue {
+            spec: old.value.spec,
+            updated_by: writer.actor.clone(),
+            updated_at_micros: now_micros(),
+        };
+        let before = self.before(&key).await;
+        let doc = self.store.put(&key, &value, None).await?;
+        tracing::info!(key = %key, version = doc.version, from = r.to_version, actor = %writer.actor, "config document rolled back");
+        self.record(
+            "config.rollback",
+            &writer,
+            &key,
+            doc.version,
+            before.as_ref(),
+            Some(&value),
+            request_id,
+        );
+        Ok(pb::RollbackResponse {
+            document: Some(doc.to_proto()),
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(operations = r.operations.len()))]
+    async fn apply_docs(
+        &self,
+        caller: CallerInfo,
+        request_id: String,
+        r: pb::ApplyRequest,
+    ) -> Result<pb::ApplyResponse> {
+        // Check every operation and report every problem before writing anything.
+        let mut problems = Vec::new();
+        let mut ops = Vec::with_capacity(r.operations.len());
+        let mut writers = Vec::with_capacity(r.operations.len());
+        for (i, op) in r.operations.into_iter().enumerate() {
+            match check_operation(&caller, op) {
+                Ok((writer, op)) => {
+                    writers.push(writer);
+                    ops.push(op);
+                }
+                Err(e) => problems.push(format!("operations[{i}]: {e}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigServiceError::InvalidArgument(format!(
+                "nothing was applied: {}",
+                problems.join("; ")
+            )));
+        }
+        let mut befores = Vec::with_capacity(ops.len());
+        for op in &ops {
+            befores.push(self.before(op.key()).await);
+        }
+        let outcome = self.store.apply(&ops).await?;
+        for ((op, writer), before) in ops.iter().zip(&writers).zip(&befores) {
+            let (action, after) = match op {
+                ApplyOp::Put { value, .. } => ("config.put", Some(value)),
+                ApplyOp::Delete { .. } => ("config.delete", None),
+            };
+            self.record(
+                action,
+                writer,
+                op.key(),
+                outcome.revision,
+                before.as_ref(),
+                after,
+                request_id.clone(),
+            );
+        }
+        tracing::info!(
+            revision = outcome.revision,
+            operations = ops.len(),
+            "config apply written"
+        );
+        Ok(pb::ApplyResponse {
+            revision: outcome.revision,
+            documents: outcome.documents.iter().map(|d| d.to_proto()).collect(),
+        })
+    }
+
+    /// Evaluates flags for the caller: `_global` flags, overridden by the principal's
+    /// tenant's own flags of the same name.
+    #[tracing::instrument(skip_all, fields(keys = r.keys.len()))]
+    async fn evaluate(
+        &self,
+        caller: CallerInfo,
+        r: pb::EvaluateFlagsRequest,
+    ) -> Result<pb::EvaluateFlagsResponse> {
+        let mut owners = vec![Owner::Global];
+        if let Some(p) = &caller.principal {
+            owners.push(Owner::Tenant(p.tenant.clone()));
+        }
+        let mut docs = Vec::new();
+        for owner in owners {
+            let mut token = String::new();
+            loop {
+                let page = self
+                    .store
+                    .list(&ListQuery {
+                        filter: ListFilter {
+                            owner: Some(owner.clone()),
+                            kind: Some(DocKind::Flag),
+                        },
+                        page_token: token,
+                        page_size: crate::store::MAX_PAGE_SIZE,
+                    })
+                    .await?;
+                docs.extend(page.documents);
+                match page.next_page_token {
+                    Some(t) => token = t,
+                    None => break,
+                }
+            }
+        }
+        let bodies: Vec<(String, String)> = docs
+            .iter()
+            .map(|d| {
+                (
+                    d.key.name.as_str().to_owned(),
+                    serde_json::Value::Object(d.value.spec.clone()).to_string(),
+                )
+            })
+            .collect();
+        let set = crewmesh_kit::flags::FlagSet::from_documents(
+            bodies.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        let ctx = r.context.unwrap_or_default();
+        let ctx = crewmesh_kit::flags::EvaluationContext {
+            targeting_key: Some(ctx.targeting_key).filter(|k| !k.is_empty()),
+            attributes: ctx
+                .attributes
+                .as_ref()
+                .map(crewmesh_kit::flags::wire::from_struct)
+                .unwrap_or_default(),
+        };
+        let keys = if r.keys.is_empty() {
+            set.keys()
+        } else {
+            r.keys
+        };
+        Ok(pb::EvaluateFlagsResponse {
+            evaluations: keys
+                .iter()
+                .map(|k| evaluation_to_proto(set.evaluate(k, &ctx)))
+                .collect(),
+        })
     }
 
     /// Queues the audit event of a successful change (no document content: specs may
     /// name secrets).
+    /// The current document, read before a change so that its audit event can show
+    /// what was there (only when changes are audited).
+    async fn before(&self, key: &DocKey) -> Option<crate::document::StoredDoc> {
+        self.audit.as_ref()?;
+        match self.store.get(key).await {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "cannot read the document before a change; its audit event has no before");
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         action: &str,
         writer: &Writer,
         key: &DocKey,
         version: i64,
+        before: Option<&crate::document::StoredDoc>,
+        after: Option<&DocValue>,
         request_id: String,
     ) {
         let Some(audit) = &self.audit else {
             return;
         };
+        let before = before.map(|d| {
+            serde_json::json!({"version": d.version, "spec": serde_json::Value::Object(d.value.spec.clone())})
+        });
+        let after = after.map(|v| serde_json::Value::Object(v.spec.clone()));
         audit.record(audit::EventInput {
             tenant: key.owner.as_str().to_owned(),
             actor: Some(audit::Actor {
@@ -279,9 +581,90 @@ impl ConfigApi {
             }),
             outcome: Outcome::Success as i32,
             request_id,
-            details_json: serde_json::json!({ "version": version }).to_string(),
+            details_json:
+                serde_json::json!({ "version": version, "before": before, "after": after })
+                    .to_string(),
             ..Default::default()
         });
+    }
+}
+
+/// The wire form of one evaluation.
+pub fn evaluation_to_proto(e: crewmesh_kit::flags::Evaluation) -> pb::FlagEvaluation {
+    use crewmesh_kit::flags::{ErrorCode, Reason};
+    let reason = match e.reason {
+        Reason::Static => pb::EvaluationReason::Static,
+        Reason::Default => pb::EvaluationReason::Default,
+        Reason::TargetingMatch => pb::EvaluationReason::TargetingMatch,
+        Reason::Split => pb::EvaluationReason::Split,
+        Reason::Disabled => pb::EvaluationReason::Disabled,
+        Reason::Error => pb::EvaluationReason::Error,
+    };
+    let (code, message) = match e.error {
+        None => (pb::EvaluationErrorCode::Unspecified, String::new()),
+        Some((code, message)) => (
+            match code {
+                ErrorCode::FlagNotFound => pb::EvaluationErrorCode::FlagNotFound,
+                ErrorCode::ParseError => pb::EvaluationErrorCode::ParseError,
+                ErrorCode::TypeMismatch => pb::EvaluationErrorCode::TypeMismatch,
+                ErrorCode::TargetingKeyMissing => pb::EvaluationErrorCode::TargetingKeyMissing,
+                ErrorCode::InvalidContext => pb::EvaluationErrorCode::InvalidContext,
+                ErrorCode::General => pb::EvaluationErrorCode::General,
+            },
+            message,
+        ),
+    };
+    pb::FlagEvaluation {
+        key: e.key,
+        value: e.value.as_ref().map(crewmesh_kit::flags::wire::to_value),
+        variant: e.variant.unwrap_or_default(),
+        reason: reason as i32,
+        error_code: code as i32,
+        error_message: message,
+    }
+}
+
+/// Checks one Apply operation as Put or Delete would.
+fn check_operation(caller: &CallerInfo, op: pb::ApplyOperation) -> Result<(Writer, ApplyOp)> {
+    match op.op {
+        Some(pb::apply_operation::Op::Put(r)) => {
+            let writer = write_scope(r.scope, caller)?;
+            let kind = DocKind::require(r.kind)?;
+            kind_permission(kind, caller)?;
+            let name = DocName::parse(&r.name)?;
+            let spec = parse_spec(kind, &r.spec_json)?;
+            let key = DocKey::new(writer.owner.clone(), kind, name);
+            let value = DocValue {
+                spec,
+                updated_by: writer.actor.clone(),
+                updated_at_micros: now_micros(),
+            };
+            Ok((
+                writer,
+                ApplyOp::Put {
+                    key,
+                    value,
+                    expected_version: r.expected_version,
+                },
+            ))
+        }
+        Some(pb::apply_operation::Op::Delete(r)) => {
+            let writer = write_scope(r.scope, caller)?;
+            let kind = DocKind::require(r.kind)?;
+            kind_permission(kind, caller)?;
+            let name = DocName::parse(&r.name)?;
+            let key = DocKey::new(writer.owner.clone(), kind, name);
+            Ok((
+                writer,
+                ApplyOp::Delete {
+                    key,
+                    expected_version: r.expected_version,
+                },
+            ))
+        }
+        None => Err(ConfigServiceError::InvalidArgument(
+            "op is required: put or delete".to_owned(),
+        )),
     }
 }
 
@@ -344,41 +727,72 @@ impl ConfigService for ConfigApi {
 
     async fn apply(
         &self,
-        _request: Request<pb::ApplyRequest>,
+        request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        Err(not_implemented("crewmesh.config.v1.ConfigService/Apply"))
+        let caller = CallerInfo::of(&request);
+        let request_id = request_id(&request);
+        self.apply_docs(caller, request_id, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 
     type WatchStream = BoxStream<'static, Result<pb::WatchResponse, Status>>;
 
     async fn watch(
         &self,
-        _request: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(not_implemented("crewmesh.config.v1.ConfigService/Watch"))
+        let caller = CallerInfo::of(&request);
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                // No stop signal: the watch ends only with its client.
+                std::future::pending::<()>().await;
+            }
+        };
+        crate::watch::open(&self.store, &caller, request.into_inner())
+            .await
+            .map(|stream| {
+                let stream: Self::WatchStream =
+                    Box::pin(futures::StreamExt::take_until(stream, Box::pin(stopped)));
+                Response::new(stream)
+            })
+            .map_err(|e| to_status(&e))
     }
 
     async fn history(
         &self,
-        _request: Request<pb::HistoryRequest>,
+        request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
-        Err(not_implemented("crewmesh.config.v1.ConfigService/History"))
+        let caller = CallerInfo::of(&request);
+        self.history_of(caller, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 
     async fn rollback(
         &self,
-        _request: Request<pb::RollbackRequest>,
+        request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
-        Err(not_implemented("crewmesh.config.v1.ConfigService/Rollback"))
+        let caller = CallerInfo::of(&request);
+        let request_id = request_id(&request);
+        self.rollback_doc(caller, request_id, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 
     async fn evaluate_flags(
         &self,
-        _request: Request<pb::EvaluateFlagsRequest>,
+        request: Request<pb::EvaluateFlagsRequest>,
     ) -> Result<Response<pb::EvaluateFlagsResponse>, Status> {
-        Err(not_implemented(
-            "crewmesh.config.v1.ConfigService/EvaluateFlags",
-        ))
+        let caller = CallerInfo::of(&request);
+        self.evaluate(caller, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| to_status(&e))
     }
 }
 
@@ -470,6 +884,12 @@ mod tests {
         let admin = user(&[Role::Viewer, Role::Admin]);
         assert_eq!(write_scope(G, &admin).unwrap().owner, Owner::Global);
         assert_eq!(write_scope(T, &admin).unwrap().owner, acme);
+        assert_eq!(
+            class(kind_permission(DocKind::ApiKey, &operator)),
+            ErrorClass::PermissionDenied
+        );
+        assert!(kind_permission(DocKind::ApiKey, &admin).is_ok());
+        assert!(kind_permission(DocKind::Model, &operator).is_ok());
         for weak in [Role::Developer, Role::Viewer, Role::Auditor] {
             assert_eq!(
                 class(write_scope(T, &user(&[weak]))),

@@ -1,6 +1,6 @@
 //! Checks on document bodies before anything is written: `spec_json` must be a JSON
-//! object of at most [`MAX_SPEC_BYTES`], and the kinds the mesh reads first (`model`,
-//! `provider`) get a structural check that reports every problem with its JSON path.
+//! object of at most [`MAX_SPEC_BYTES`] that passes its kind's strict schema and
+//! semantic rules; every problem is reported with its JSON path.
 
 use std::fmt;
 
@@ -8,12 +8,11 @@ use serde_json::{Map, Value};
 
 use crate::document::DocKind;
 use crate::error::ConfigServiceError;
+pub use crate::schema::PROVIDER_TYPES;
+use crate::schema::{Schema, check_object, schema_of};
 
 /// Largest accepted `spec_json`, in bytes.
 pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
-
-/// Provider `type`s the router can talk to.
-pub const PROVIDER_TYPES: &[&str] = &["openai", "anthropic", "simulated"];
 
 /// One problem in a document body: where (a JSON path such as `deployments[1].weight`)
 /// and what is wrong.
@@ -46,155 +45,180 @@ pub fn parse_spec(
     let Value::Object(spec) = value else {
         return Err(ConfigServiceError::InvalidArgument(format!(
             "spec_json must be a JSON object, not {}",
-            type_name(&value)
+            crate::schema::type_name(&value)
         )));
     };
     check_spec(kind, &spec)?;
     Ok(spec)
 }
 
-/// The structural check of one kind; every problem is reported at once.
+/// The full check of one kind: its strict schema (see [`crate::schema`]) and the
+/// rules a schema cannot say (unique names, references inside the document, rollout
+/// weights). Every problem is reported at once, by JSON path.
 pub fn check_spec(kind: DocKind, spec: &Map<String, Value>) -> Result<(), ConfigServiceError> {
-    let mut problems = Checker::default();
-    match kind {
-        DocKind::Model => check_model(spec, &mut problems),
-        DocKind::Provider => check_provider(spec, &mut problems),
-        // Full schemas for the other kinds come with schema validation.
-        DocKind::Agent
-        | DocKind::Crew
-        | DocKind::Tool
-        | DocKind::Tenant
-        | DocKind::ApiKey
-        | DocKind::Flag => {}
+    let mut problems = Vec::new();
+    match schema_of(kind) {
+        Some(Schema::Object(fields)) => {
+            check_object(&fields, spec, "", &mut problems);
+            if problems.is_empty() {
+                semantic(kind, spec, &mut problems);
+            }
+        }
+        Some(_) => {}
+        None => {
+            // Flags: the evaluator's own parser, so what is accepted is what runs.
+            if let Err(ps) = crewmesh_kit::flags::Flag::parse("check", spec) {
+                problems.extend(ps.into_iter().map(|p| SpecProblem {
+                    path: p.path,
+                    problem: p.problem,
+                }));
+            }
+        }
     }
-    if problems.0.is_empty() {
+    if problems.is_empty() {
         Ok(())
     } else {
         Err(ConfigServiceError::InvalidSpec {
             kind: kind.as_str(),
-            problems: problems.0,
+            problems,
         })
     }
 }
 
-#[derive(Default)]
-struct Checker(Vec<SpecProblem>);
+fn strings(v: Option<&Value>) -> impl Iterator<Item = &str> {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
 
-impl Checker {
-    fn add(&mut self, path: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(SpecProblem {
-            path: path.into(),
-            problem: problem.into(),
-        });
-    }
-
-    /// A required, non-empty string field.
-    fn string<'a>(
-        &mut self,
-        obj: &'a Map<String, Value>,
-        field: &str,
-        path: &str,
-    ) -> Option<&'a str> {
-        match obj.get(field) {
-            None | Some(Value::Null) => {
-                self.add(path, "is required");
-                None
+/// Checks on a body that already matches its schema.
+fn semantic(kind: DocKind, spec: &Map<String, Value>, out: &mut Vec<SpecProblem>) {
+    let mut add = |path: String, problem: String| out.push(SpecProblem { path, problem });
+    match kind {
+        DocKind::Model => {
+            let mut names = std::collections::HashSet::new();
+            for (i, d) in spec["deployments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                if let Some(name) = d.get("name").and_then(Value::as_str)
+                    && !names.insert(name)
+                {
+                    add(
+                        format!("deployments[{i}].name"),
+                        format!("{name:?} is used by an earlier deployment; names must be unique"),
+                    );
+                }
             }
-            Some(Value::String(s)) if s.is_empty() => {
-                self.add(path, "must not be empty");
-                None
+            if let Some(retry) = spec.get("retry")
+                && let (Some(base), Some(max)) = (
+                    retry.get("base_ms").and_then(Value::as_i64),
+                    retry.get("max_ms").and_then(Value::as_i64),
+                )
+                && base > max
+            {
+                add(
+                    "retry.base_ms".to_owned(),
+                    format!("must not exceed retry.max_ms ({base} > {max})"),
+                );
             }
-            Some(Value::String(s)) => Some(s),
-            Some(other) => {
-                self.add(path, format!("must be a string, not {}", type_name(other)));
-                None
+        }
+        DocKind::Crew => {
+            let tasks: Vec<&Value> = spec["tasks"].as_array().into_iter().flatten().collect();
+            let names: Vec<&str> = tasks
+                .iter()
+                .map(|t| t.get("name").and_then(Value::as_str).unwrap_or_default())
+                .collect();
+            for (i, name) in names.iter().enumerate() {
+                if names[..i].contains(name) {
+                    add(
+                        format!("tasks[{i}].name"),
+                        format!("{name:?} is used by an earlier task; names must be unique"),
+                    );
+                }
+            }
+            for (i, t) in tasks.iter().enumerate() {
+                for (j, dep) in strings(t.get("depends_on")).enumerate() {
+                    if !names.contains(&dep) {
+                        add(
+                            format!("tasks[{i}].depends_on[{j}]"),
+                            format!("{dep:?} is not a task of this crew"),
+                        );
+                    } else if dep == names[i] {
+                        add(
+                            format!("tasks[{i}].depends_on[{j}]"),
+                            "a task cannot depend on itself".to_owned(),
+                        );
+                    }
+                }
+            }
+            if let Some(cycle) = crew_cycle(&names, &tasks) {
+                add(
+                    "tasks".to_owned(),
+                    format!("the dependencies form a cycle: {cycle}"),
+                );
             }
         }
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn check_model(spec: &Map<String, Value>, p: &mut Checker) {
-    let deployments = match spec.get("deployments") {
-        None | Some(Value::Null) => {
-            p.add("deployments", "is required");
-            return;
+        DocKind::Tool => {
+            let is_grpc = spec.get("type").and_then(Value::as_str) == Some("grpc");
+            if is_grpc && spec.get("address").is_none() {
+                add(
+                    "address".to_owned(),
+                    "is required for a grpc tool".to_owned(),
+                );
+            }
         }
-        Some(Value::Array(items)) => items,
-        Some(other) => {
-            p.add(
-                "deployments",
-                format!("must be an array, not {}", type_name(other)),
-            );
-            return;
-        }
-    };
-    if deployments.is_empty() {
-        p.add("deployments", "must not be empty");
-    }
-    for (i, item) in deployments.iter().enumerate() {
-        let path = format!("deployments[{i}]");
-        let Value::Object(d) = item else {
-            p.add(&path, format!("must be an object, not {}", type_name(item)));
-            continue;
-        };
-        p.string(d, "provider", &format!("{path}.provider"));
-        p.string(d, "model", &format!("{path}.model"));
-        match d.get("weight") {
-            None => {}
-            Some(Value::Number(n)) if n.as_f64().is_some_and(|w| w > 0.0 && w.is_finite()) => {}
-            Some(Value::Number(_)) => p.add(format!("{path}.weight"), "must be > 0"),
-            Some(other) => p.add(
-                format!("{path}.weight"),
-                format!("must be a number, not {}", type_name(other)),
-            ),
-        }
+        _ => {}
     }
 }
 
-fn check_provider(spec: &Map<String, Value>, p: &mut Checker) {
-    if let Some(t) = p.string(spec, "type", "type")
-        && !PROVIDER_TYPES.contains(&t)
-    {
-        p.add(
-            "type",
-            format!(
-                "{t:?} is not a provider type; use one of {}",
-                PROVIDER_TYPES
-                    .iter()
-                    .map(|t| format!("{t:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
+/// A dependency cycle among a crew's tasks, as `a -> b -> a`.
+fn crew_cycle(names: &[&str], tasks: &[&Value]) -> Option<String> {
+    // 0 = unvisited, 1 = on the stack, 2 = done.
+    fn visit(
+        i: usize,
+        names: &[&str],
+        tasks: &[&Value],
+        state: &mut [u8],
+        stack: &mut Vec<usize>,
+    ) -> Option<String> {
+        state[i] = 1;
+        stack.push(i);
+        for dep in strings(tasks[i].get("depends_on")) {
+            let Some(j) = names.iter().position(|n| *n == dep) else {
+                continue;
+            };
+            if j == i {
+                continue;
+            }
+            if state[j] == 1 {
+                let from = stack.iter().position(|k| *k == j).unwrap_or(0);
+                let mut path: Vec<&str> = stack[from..].iter().map(|k| names[*k]).collect();
+                path.push(names[j]);
+                return Some(path.join(" -> "));
+            }
+            if state[j] == 0
+                && let Some(c) = visit(j, names, tasks, state, stack)
+            {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        state[i] = 2;
+        None
     }
-    if let Some(url) = p.string(spec, "base_url", "base_url")
-        && !is_http_url(url)
-    {
-        p.add(
-            "base_url",
-            format!("{url:?} is not an http or https URL (e.g. \"https://api.openai.com/v1\")"),
-        );
+    let mut state = vec![0u8; names.len()];
+    for i in 0..names.len() {
+        if state[i] == 0
+            && let Some(c) = visit(i, names, tasks, &mut state, &mut Vec::new())
+        {
+            return Some(c);
+        }
     }
-}
-
-fn is_http_url(s: &str) -> bool {
-    let Ok(uri) = s.parse::<http::Uri>() else {
-        return false;
-    };
-    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
-    scheme_ok && host_ok
+    None
 }
 
 #[cfg(test)]
@@ -274,7 +298,7 @@ mod tests {
                 r#"{"type":"gemini","base_url":"ftp://x"}"#
             ),
             vec![
-                r#"type: "gemini" is not a provider type; use one of "openai", "anthropic", "simulated""#,
+                r#"type: "gemini" is not allowed; use one of "openai", "anthropic", "simulated""#,
                 r#"base_url: "ftp://x" is not an http or https URL (e.g. "https://api.openai.com/v1")"#,
             ]
         );
@@ -310,8 +334,99 @@ mod tests {
                 MAX_SPEC_BYTES + 8
             )
         );
-        // Kinds without a structural check only need an object.
-        assert!(parse_spec(DocKind::Flag, r#"{"anything":[1,2]}"#).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_inline_secrets_are_refused() {
+        assert_eq!(
+            problems(
+                DocKind::Provider,
+                r#"{"type":"openai","base_url":"https://api.openai.com/v1","api_key":"sk-123","timeout":5}"#
+            ),
+            vec![
+                "api_key: is not a known field (known: type, base_url, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
+                "timeout: is not a known field (known: type, base_url, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
+            ]
+        );
+        assert_eq!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"provider":"p","model":"m","colour":"red","input_price_per_1m":-1}],"strategy":"random"}"#
+            ),
+            vec![
+                "deployments[0].input_price_per_1m: must be >= 0",
+                "deployments[0].colour: is not a known field (known: provider, model, weight, name, priority, input_price_per_1m, output_price_per_1m, rpm, tpm, quality_tier, context_window, tags)",
+                r#"strategy: "random" is not allowed; use one of "priority", "weighted-random", "weighted", "least-latency", "cost-optimised", "cost", "adaptive""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn every_kind_has_semantic_checks() {
+        assert_eq!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"name":"a","provider":"p","model":"m"},{"name":"a","provider":"p","model":"n"}],"retry":{"base_ms":500,"max_ms":100}}"#
+            ),
+            vec![
+                r#"deployments[1].name: "a" is used by an earlier deployment; names must be unique"#,
+                "retry.base_ms: must not exceed retry.max_ms (500 > 100)",
+            ]
+        );
+        assert_eq!(
+            problems(
+                DocKind::Crew,
+                r#"{"tasks":[{"name":"a","agent":"x","depends_on":["c"]},{"name":"b","agent":"x","depends_on":["a","zz"]},{"name":"c","agent":"x","depends_on":["b"]},{"name":"a","agent":"x"}]}"#
+            ),
+            vec![
+                r#"tasks[3].name: "a" is used by an earlier task; names must be unique"#,
+                r#"tasks[1].depends_on[1]: "zz" is not a task of this crew"#,
+                "tasks: the dependencies form a cycle: a -> c -> b -> a",
+            ]
+        );
+        assert!(problems(DocKind::Crew, r#"{"tasks":[{"name":"a","agent":"x"},{"name":"b","agent":"y","depends_on":["a"]}]}"#).is_empty());
+        assert_eq!(
+            problems(DocKind::Tool, r#"{"type":"grpc"}"#),
+            vec!["address: is required for a grpc tool"]
+        );
+        assert_eq!(
+            problems(
+                DocKind::ApiKey,
+                r#"{"key_sha256":"ABC","tenant":"acme","roles":["root"],"expires_at":"tomorrow"}"#
+            ),
+            vec![
+                "key_sha256: must be 64 lowercase hex characters (a SHA-256 digest)",
+                r#"roles[0]: "root" is not allowed; use one of "admin", "operator", "developer", "viewer", "auditor""#,
+                r#"expires_at: "tomorrow" is not an RFC 3339 time (e.g. "2030-01-01T00:00:00Z")"#,
+            ]
+        );
+        let digest = "a".repeat(64);
+        assert!(problems(DocKind::ApiKey, &format!(r#"{{"key_sha256":"{digest}","tenant":"acme","roles":["admin"],"expires_at":null}}"#)).is_empty());
+        assert_eq!(
+            problems(DocKind::Tenant, r#"{"rpm":0,"budget_usd_month":"lots"}"#),
+            vec![
+                "rpm: must be >= 1",
+                "budget_usd_month: must be a number, not a string"
+            ]
+        );
+        assert_eq!(
+            problems(DocKind::Agent, r#"{"system_prompt":"hi","max_steps":-1}"#),
+            vec!["model: is required", "max_steps: must be >= 0"]
+        );
+        assert_eq!(
+            problems(
+                DocKind::Flag,
+                r#"{"variants":{"a":1,"b":2},"default_variant":"a","rollout":[{"variant":"a","weight":50},{"variant":"b","weight":40}]}"#
+            ),
+            vec!["rollout: weights must sum to 100 (they sum to 90)"]
+        );
+        assert!(
+            problems(
+                DocKind::Flag,
+                r#"{"variants":{"a":1},"default_variant":"a"}"#
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crewmesh_proto::audit::v1 as audit;
 use crewmesh_proto::audit::v1::audit_service_server::{AuditService, AuditServiceServer};
 use crewmesh_proto::config::v1::config_service_client::ConfigServiceClient;
 use crewmesh_proto::config::v1::{
-    DeleteRequest, GetRequest, Kind, ListRequest, PutRequest, Scope, WatchRequest,
+    ApplyOperation, ApplyRequest, DeleteRequest, EventType, GetRequest, HistoryRequest, Kind,
+    ListRequest, PutRequest, RollbackRequest, Scope, WatchRequest, WatchResponse, apply_operation,
 };
 use crewmesh_proto::types::v1::PageRequest;
 use crewmesh_testkit::{TRUST_DOMAIN, TestPki};
@@ -401,17 +402,6 @@ async fn config_service_over_mtls() {
         .into_inner();
     assert_eq!(deleted.revision, provider.version + 1);
 
-    // Later RPCs say so.
-    let watch = router
-        .watch(WatchRequest {
-            scope: Scope::All as i32,
-            kinds: vec![],
-            start_revision: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(watch.code(), Code::Unimplemented);
-
     // Shutting down flushes the audit events of the four changes.
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(30), served)
@@ -433,10 +423,13 @@ async fn config_service_over_mtls() {
                 resource.kind,
                 resource.name,
                 e.outcome,
-                e.details_json.as_str(),
+                serde_json::from_str::<serde_json::Value>(&e.details_json).unwrap(),
             )
         })
         .collect();
+    let model: serde_json::Value = serde_json::from_str(MODEL_SPEC).unwrap();
+    let provider_spec =
+        serde_json::json!({"type": "simulated", "base_url": "http://127.0.0.1:9/v1"});
     let success = crewmesh_proto::types::v1::Outcome::Success as i32;
     let config_uri = "spiffe://crewmesh.local/config".to_owned();
     let p = provider.version;
@@ -451,7 +444,7 @@ async fn config_service_over_mtls() {
                 "model".to_owned(),
                 "gpt-4o-mini".to_owned(),
                 success,
-                r#"{"version":2}"#
+                serde_json::json!({"version": 2, "before": null, "after": model}),
             ),
             (
                 "config.put",
@@ -461,7 +454,7 @@ async fn config_service_over_mtls() {
                 "model".to_owned(),
                 "gpt-4o-mini".to_owned(),
                 success,
-                r#"{"version":3}"#
+                serde_json::json!({"version": 3, "before": {"version": 2, "spec": model}, "after": model}),
             ),
             (
                 "config.put",
@@ -471,7 +464,7 @@ async fn config_service_over_mtls() {
                 "provider".to_owned(),
                 "sim".to_owned(),
                 success,
-                format!(r#"{{"version":{p}}}"#).as_str()
+                serde_json::json!({"version": p, "before": null, "after": provider_spec}),
             ),
             (
                 "config.delete",
@@ -481,7 +474,7 @@ async fn config_service_over_mtls() {
                 "model".to_owned(),
                 "gpt-4o-mini".to_owned(),
                 success,
-                format!(r#"{{"version":{}}}"#, p + 1).as_str()
+                serde_json::json!({"version": p + 1, "before": {"version": 3, "spec": model}, "after": null}),
             ),
         ]
     );
@@ -489,4 +482,419 @@ async fn config_service_over_mtls() {
 
     stop_audit.send(()).unwrap();
     audit_task.await.unwrap().unwrap();
+}
+
+/// Starts a config service on the embedded store without an audit peer.
+async fn start_plain(pki: &TestPki, dir: &std::path::Path) -> (String, oneshot::Sender<()>) {
+    let config = ConfigServiceConfig {
+        common: common(pki, "config", PeersConfig::default()),
+        store: StoreConfig::Embedded {
+            path: dir.join("config.db"),
+        },
+    };
+    let app = Application::build(config, MetricsRegistry::new())
+        .await
+        .unwrap();
+    let addr = app.grpc_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+async fn next_message(stream: &mut tonic::Streaming<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a watch message within 10s")
+        .expect("no watch error")
+        .expect("the watch stays open")
+}
+
+/// The next message that carries events (skipping heartbeats).
+async fn next_events(stream: &mut tonic::Streaming<WatchResponse>) -> WatchResponse {
+    loop {
+        let msg = next_message(stream).await;
+        if !msg.events.is_empty() {
+            return msg;
+        }
+    }
+}
+
+fn names(msg: &WatchResponse) -> Vec<(i32, String, String, i64)> {
+    msg.events
+        .iter()
+        .map(|e| {
+            let d = e.document.clone().unwrap();
+            (e.r#type, d.tenant, d.name, d.version)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn watch_history_rollback_and_apply_over_mtls() {
+    crewmesh_testkit::init_crypto();
+    crewmesh_testkit::init_test_logs();
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop) = start_plain(&pki, dir.path()).await;
+    let mut router = client(&pki, "router", &addr);
+    let mut cli = client(&pki, "cli", &addr);
+    let mut gateway = client(&pki, "gateway", &addr);
+    let admin = principal(&[Role::Admin]);
+    let spec_v = |m: &str| format!(r#"{{"deployments":[{{"provider":"sim","model":"{m}"}}]}}"#);
+
+    let v1 = cli
+        .put(put(Scope::Global, Kind::Model, "m", &spec_v("one"), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    cli.put(put(
+        Scope::Global,
+        Kind::Provider,
+        "p",
+        r#"{"type":"simulated","base_url":"http://127.0.0.1:1/v1"}"#,
+        None,
+    ))
+    .await
+    .unwrap();
+
+    // A snapshot of the kinds asked for, then the end-of-snapshot marker.
+    let mut watch = router
+        .watch(WatchRequest {
+            scope: Scope::All as i32,
+            kinds: vec![Kind::Model as i32],
+            start_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = next_message(&mut watch).await;
+    assert!(snap.snapshot);
+    assert_eq!(
+        names(&snap),
+        vec![(
+            EventType::Put as i32,
+            "_global".into(),
+            "m".into(),
+            v1.version
+        )]
+    );
+    let marker = next_message(&mut watch).await;
+    assert_eq!((marker.snapshot, marker.events.len()), (false, 0));
+    assert_eq!(marker.revision, snap.revision);
+
+    // Changes follow; other kinds are filtered out.
+    let v2 = cli
+        .put(put(
+            Scope::Global,
+            Kind::Model,
+            "m",
+            &spec_v("two"),
+            Some(v1.version),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    let change = next_events(&mut watch).await;
+    assert_eq!(
+        names(&change),
+        vec![(
+            EventType::Put as i32,
+            "_global".into(),
+            "m".into(),
+            v2.version
+        )]
+    );
+    assert!(!change.snapshot);
+
+    // History, newest first, paged.
+    let history = gateway
+        .history(with_principal(
+            HistoryRequest {
+                scope: Scope::Global as i32,
+                kind: Kind::Model as i32,
+                name: "m".into(),
+                page: Some(PageRequest {
+                    page_size: 1,
+                    page_token: String::new(),
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history
+            .versions
+            .iter()
+            .map(|d| d.version)
+            .collect::<Vec<_>>(),
+        vec![v2.version]
+    );
+    assert_eq!(history.next_page_token, v2.version.to_string());
+
+    // Rollback writes the old body as a new version, which the watch delivers.
+    let rolled = gateway
+        .rollback(with_principal(
+            RollbackRequest {
+                scope: Scope::Global as i32,
+                kind: Kind::Model as i32,
+                name: "m".into(),
+                to_version: v1.version,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert!(rolled.version > v2.version);
+    assert_eq!(rolled.spec_json, v1.spec_json);
+    assert_eq!(rolled.updated_by, "key:admin-1");
+    let change = next_events(&mut watch).await;
+    assert_eq!(
+        names(&change),
+        vec![(
+            EventType::Put as i32,
+            "_global".into(),
+            "m".into(),
+            rolled.version
+        )]
+    );
+    let missing = gateway
+        .rollback(with_principal(
+            RollbackRequest {
+                scope: Scope::Global as i32,
+                kind: Kind::Model as i32,
+                name: "m".into(),
+                to_version: 9999,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+
+    // Apply: every problem of every operation is listed, and nothing is written.
+    let op_put = |name: &str, spec: &str| ApplyOperation {
+        op: Some(apply_operation::Op::Put(put(
+            Scope::Global,
+            Kind::Model,
+            name,
+            spec,
+            None,
+        ))),
+    };
+    let bad = cli
+        .apply(ApplyRequest {
+            operations: vec![
+                op_put("a", &spec_v("a")),
+                op_put("b", r#"{"deployments":[]}"#),
+                op_put("Bad Name", &spec_v("c")),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("nothing was applied: operations[1]: invalid model spec: deployments: must not be empty; operations[2]: "),
+        "{}",
+        bad.message()
+    );
+    let absent = router
+        .get(get(Scope::Global, Kind::Model, "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(absent.code(), Code::NotFound);
+
+    // A good apply lands at one revision, seen as one watch message.
+    let applied = cli
+        .apply(ApplyRequest {
+            operations: vec![
+                op_put("a", &spec_v("a")),
+                op_put("b", &spec_v("b")),
+                ApplyOperation {
+                    op: Some(apply_operation::Op::Delete(DeleteRequest {
+                        scope: Scope::Global as i32,
+                        kind: Kind::Model as i32,
+                        name: "m".into(),
+                        expected_version: Some(rolled.version),
+                    })),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.documents.len(), 2);
+    let change = next_events(&mut watch).await;
+    assert_eq!(change.revision, applied.revision);
+    assert_eq!(
+        names(&change),
+        vec![
+            (
+                EventType::Put as i32,
+                "_global".into(),
+                "a".into(),
+                applied.revision
+            ),
+            (
+                EventType::Put as i32,
+                "_global".into(),
+                "b".into(),
+                applied.revision
+            ),
+            (EventType::Delete as i32, "_global".into(), "m".into(), 0),
+        ]
+    );
+
+    // Resuming from a revision replays what came after it.
+    let mut resumed = router
+        .watch(WatchRequest {
+            scope: Scope::All as i32,
+            kinds: vec![Kind::Model as i32],
+            start_revision: rolled.version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let replay = next_events(&mut resumed).await;
+    assert_eq!(replay.revision, applied.revision);
+    assert_eq!(replay.events.len(), 3);
+
+    // Scopes are checked like List: an end user cannot watch every tenant.
+    let refused = gateway
+        .watch(with_principal(
+            WatchRequest {
+                scope: Scope::All as i32,
+                kinds: vec![],
+                start_revision: 0,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+
+    // Stopping the service ends open watches, so that it can drain.
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch stayed open after shutdown");
+}
+
+#[tokio::test]
+async fn flags_evaluate_with_tenant_overrides() {
+    use crewmesh_proto::config::v1::{
+        EvaluateFlagsRequest, EvaluationContext, EvaluationErrorCode, EvaluationReason,
+    };
+    crewmesh_testkit::init_crypto();
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop) = start_plain(&pki, dir.path()).await;
+    let mut router = client(&pki, "router", &addr);
+    let mut cli = client(&pki, "cli", &addr);
+    let mut gateway = client(&pki, "gateway", &addr);
+    let admin = principal(&[Role::Admin]);
+    let flag = r#"{"variants":{"on":true,"off":false},"default_variant":"off",
+        "rules":[{"when":{"attribute":"plan","op":"equals","value":"pro"},"variant":"on"}]}"#;
+    cli.put(put(Scope::Global, Kind::Flag, "new-ui", flag, None))
+        .await
+        .unwrap();
+    let tenant_flag = r#"{"variants":{"a":"model-a","b":"model-b"},"default_variant":"a",
+        "rollout":[{"variant":"a","weight":50},{"variant":"b","weight":50}]}"#;
+    gateway
+        .put(with_principal(
+            put(Scope::Tenant, Kind::Flag, "new-ui", tenant_flag, None),
+            &admin,
+        ))
+        .await
+        .unwrap();
+    // A bad flag is refused with its problems.
+    let bad = cli
+        .put(put(
+            Scope::Global,
+            Kind::Flag,
+            "bad",
+            r#"{"variants":{"a":1},"default_variant":"b"}"#,
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad.message(),
+        r#"invalid flag spec: default_variant: "b" is not one of the variants"#
+    );
+
+    let context = |key: &str, plan: &str| {
+        Some(EvaluationContext {
+            targeting_key: key.into(),
+            attributes: Some(crewmesh_kit::flags::wire::to_struct(
+                serde_json::json!({"plan": plan}).as_object().unwrap(),
+            )),
+        })
+    };
+    // A mesh service sees the global flag.
+    let global = router
+        .evaluate_flags(EvaluateFlagsRequest {
+            keys: vec!["new-ui".into(), "missing".into()],
+            context: context("", "pro"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .evaluations;
+    assert_eq!(global[0].variant, "on");
+    assert_eq!(global[0].reason, EvaluationReason::TargetingMatch as i32);
+    assert_eq!(
+        global[0].value,
+        Some(crewmesh_kit::flags::wire::to_value(&serde_json::json!(
+            true
+        )))
+    );
+    assert_eq!(global[1].reason, EvaluationReason::Error as i32);
+    assert_eq!(
+        global[1].error_code,
+        EvaluationErrorCode::FlagNotFound as i32
+    );
+    // The tenant's own flag of the same name wins for its users: a stable split.
+    let eval = |key: &'static str| {
+        let mut gateway = gateway.clone();
+        let admin = admin.clone();
+        async move {
+            gateway
+                .evaluate_flags(with_principal(
+                    EvaluateFlagsRequest {
+                        keys: vec![],
+                        context: context(key, "pro"),
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .evaluations
+        }
+    };
+    let first = eval("user-1").await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].reason, EvaluationReason::Split as i32);
+    assert_eq!(eval("user-1").await, first);
+    let bucket = crewmesh_kit::flags::bucket("new-ui", "user-1");
+    assert_eq!(first[0].variant, if bucket < 5000 { "a" } else { "b" });
+    stop.send(()).unwrap();
 }

@@ -17,6 +17,8 @@ use crate::observe::MetricsRegistry;
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     checks: Arc<Mutex<BTreeMap<String, Result<(), String>>>>,
+    /// Details of conditions that are met but degraded (e.g. stale config).
+    notes: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
@@ -25,6 +27,19 @@ impl Readiness {
     }
 
     pub fn set_ready(&self, name: &str) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.set(name, Ok(()));
+    }
+
+    /// The condition is met but degraded: ready, with `note` shown instead of "ok".
+    pub fn set_ready_noting(&self, name: &str, note: impl Into<String>) {
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), note.into());
         self.set(name, Ok(()));
     }
 
@@ -44,13 +59,14 @@ impl Readiness {
 
     /// `{"ready": bool, "checks": {"name": "ok" | "<reason>"}}`
     pub fn report(&self) -> serde_json::Value {
+        let notes = self.notes.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         let ready = checks.values().all(Result::is_ok);
         let details: serde_json::Map<String, serde_json::Value> = checks
             .iter()
             .map(|(k, v)| {
                 let s = match v {
-                    Ok(()) => "ok".to_owned(),
+                    Ok(()) => notes.get(k).cloned().unwrap_or_else(|| "ok".to_owned()),
                     Err(reason) => reason.clone(),
                 };
                 (k.clone(), serde_json::Value::String(s))

@@ -14,8 +14,10 @@ use tonic::transport::Channel;
 use crate::batch::{BatchConfig, Batcher};
 use crate::identity::SpiffeId;
 use crate::mesh::Service;
+use crate::observe::MetricsRegistry;
 use crate::principal::Principal;
 use crate::settings::PeersConfig;
+use crate::spool::{SpoolBatcher, SpoolConfig};
 use crate::telemetry::InjectTrace;
 use crate::tls::MeshTls;
 use crate::transport::{ConnectError, mesh_channel};
@@ -83,29 +85,70 @@ pub fn with_principal<T>(msg: T, principal: &Principal) -> tonic::Request<T> {
     req
 }
 
-/// Records audit events off the request path, in batches.
+/// Records audit events off the request path, in batches: through a bounded
+/// in-memory queue ([`AuditClient::new`]), or through a durable local spool that
+/// loses no accepted event across audit outages and crashes of the sender
+/// ([`AuditClient::with_spool`], see [`crate::spool`]).
 #[derive(Clone)]
 pub struct AuditClient {
-    batcher: Batcher<audit::EventInput>,
+    sender: AuditSender,
     service: SpiffeId,
 }
 
+#[derive(Clone)]
+enum AuditSender {
+    Memory(Batcher<audit::EventInput>),
+    Spool(SpoolBatcher<audit::EventInput>),
+}
+
+/// One Append call in flight.
+type AppendFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
+
+fn append_fn(
+    client: AuditServiceClient<MeshChannel>,
+) -> impl Fn(Vec<audit::EventInput>) -> AppendFuture + Send + Sync + 'static {
+    move |events| {
+        let mut client = client.clone();
+        Box::pin(async move {
+            client
+                .append(audit::AppendRequest { events })
+                .await
+                .map(|_| ())
+        })
+    }
+}
+
 impl AuditClient {
+    /// In-memory queue: events queued when the process dies, or beyond the retries
+    /// of an outage, are lost. Prefer [`AuditClient::with_spool`].
     pub fn new(
         client: AuditServiceClient<MeshChannel>,
         service: SpiffeId,
         config: BatchConfig,
     ) -> Self {
-        let batcher = Batcher::spawn("audit", config, move |events| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .append(audit::AppendRequest { events })
-                    .await
-                    .map(|_| ())
-            }
-        });
-        Self { batcher, service }
+        let batcher = Batcher::spawn("audit", config, append_fn(client));
+        Self {
+            sender: AuditSender::Memory(batcher),
+            service,
+        }
+    }
+
+    /// Every recorded event is first appended to the spool in `spool.dir`, then
+    /// sent in order; what an earlier process left there is sent first. Reports the
+    /// spooled bytes as `crewmesh_audit_spool_bytes` in `metrics`.
+    pub fn with_spool(
+        client: AuditServiceClient<MeshChannel>,
+        service: SpiffeId,
+        config: BatchConfig,
+        spool: SpoolConfig,
+        metrics: Option<&MetricsRegistry>,
+    ) -> std::io::Result<Self> {
+        let batcher = SpoolBatcher::open("audit", config, spool, metrics, append_fn(client))?;
+        Ok(Self {
+            sender: AuditSender::Spool(batcher),
+            service,
+        })
     }
 
     /// Queues an event; fills in id, time, the recording service and the trace id.
@@ -123,15 +166,38 @@ impl AuditClient {
         if event.trace_id.is_empty() {
             event.trace_id = crate::telemetry::current_trace_id();
         }
-        self.batcher.submit(event);
+        match &self.sender {
+            AuditSender::Memory(b) => {
+                b.submit(event);
+            }
+            AuditSender::Spool(s) => {
+                s.submit(&event);
+            }
+        }
     }
 
+    /// Waits until everything recorded so far is delivered (or `timeout`). With a
+    /// spool, what is not delivered stays on disk for the next start.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        self.batcher.flush(timeout).await
+        match &self.sender {
+            AuditSender::Memory(b) => b.flush(timeout).await,
+            AuditSender::Spool(s) => s.flush(timeout).await,
+        }
     }
 
     pub fn stats(&self) -> &crate::batch::BatchStats {
-        self.batcher.stats()
+        match &self.sender {
+            AuditSender::Memory(b) => b.stats(),
+            AuditSender::Spool(s) => s.stats(),
+        }
+    }
+
+    /// Bytes waiting in the spool (0 without one).
+    pub fn spooled_bytes(&self) -> u64 {
+        match &self.sender {
+            AuditSender::Memory(_) => 0,
+            AuditSender::Spool(s) => s.pending_bytes(),
+        }
     }
 }
 

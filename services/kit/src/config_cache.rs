@@ -1,18 +1,26 @@
 //! The config documents a service reads, kept current in memory.
 //!
-//! The cache loads a snapshot of the kinds a service needs and refreshes it on an
-//! interval. On any failure it keeps serving the last-known-good snapshot and reports
-//! how stale it is in `/readyz` details and the `crewmesh_config_staleness_seconds`
-//! metric, so a broken config connection is never silent.
+//! The cache opens a `Watch` on the config service: it receives a snapshot of the
+//! kinds the service needs, swaps it in atomically, then applies every change as it
+//! arrives (a new immutable [`Snapshot`] per change, published through a
+//! `tokio::sync::watch` channel). When the stream breaks it reconnects with
+//! exponential backoff and resumes from the last revision it applied, so nothing is
+//! missed; if the store no longer keeps those changes it takes a fresh snapshot.
+//!
+//! On any failure it keeps serving the last-known-good snapshot. A broken watch is
+//! never silent: the config service sends a heartbeat on a quiet stream, a stream
+//! without a message for [`SILENCE_LIMIT`] counts as broken, and the seconds since the
+//! last confirmed sync are reported in the `crewmesh_config_staleness_seconds` metric
+//! and in the `config` check of `/readyz` (which stays ready on stale-but-present
+//! config and names the staleness in its detail).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crewmesh_proto::config::v1::config_service_client::ConfigServiceClient;
-use crewmesh_proto::config::v1::{Document, Kind, ListRequest, Scope};
-use crewmesh_proto::types::v1::PageRequest;
+use crewmesh_proto::config::v1::{Document, EventType, Kind, Scope, WatchRequest, WatchResponse};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
@@ -26,7 +34,7 @@ pub type DocKey = (i32, String, String);
 /// A consistent set of documents.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    /// The store revision the snapshot was read at (0 before the first load).
+    /// The store revision the snapshot is current to (0 before the first load).
     pub revision: i64,
     pub documents: BTreeMap<DocKey, Document>,
 }
@@ -42,17 +50,32 @@ impl Snapshot {
     }
 }
 
+/// A stream that sends nothing for this long is treated as broken (the config service
+/// sends a heartbeat every 2 s).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(7);
+/// The longest wait between two reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+const READY_CHECK: &str = "config";
+
 /// Handle to the cache; cheap to clone.
 #[derive(Clone)]
 pub struct ConfigCache {
     rx: watch::Receiver<Arc<Snapshot>>,
+    sync: Arc<Mutex<SyncState>>,
 }
 
-const READY_CHECK: &str = "config";
+/// When the cache last knew it was current.
+#[derive(Debug, Default)]
+struct SyncState {
+    last_confirmed: Option<Instant>,
+    last_error: Option<String>,
+}
 
 impl ConfigCache {
-    /// Starts refreshing `kinds` every `interval`. The service is not ready until the
-    /// first snapshot has loaded.
+    /// Starts watching `kinds` (every tenant and `_global`). `interval` is the first
+    /// reconnection delay; it doubles on each failure up to [`MAX_BACKOFF`]. The
+    /// service is not ready until the first snapshot has loaded.
     pub fn spawn(
         client: ConfigServiceClient<MeshChannel>,
         kinds: Vec<Kind>,
@@ -65,7 +88,7 @@ impl ConfigCache {
         let revision = Gauge::<i64, AtomicI64>::default();
         metrics.register(
             "config_staleness_seconds",
-            "Seconds since this process last confirmed its config snapshot",
+            "Seconds since this process last confirmed its config snapshot is current (-1 before the first snapshot)",
             staleness.clone(),
         );
         metrics.register(
@@ -73,59 +96,26 @@ impl ConfigCache {
             "Store revision of the config snapshot in use",
             revision.clone(),
         );
+        staleness.set(-1);
         readiness.set_not_ready(READY_CHECK, "waiting for the first config snapshot");
-        tokio::spawn(async move {
-            let mut last_ok: Option<Instant> = None;
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match load(client.clone(), &kinds).await {
-                    Ok(snap) => {
-                        last_ok = Some(Instant::now());
-                        staleness.set(0);
-                        revision.set(snap.revision);
-                        readiness.set_ready(READY_CHECK);
-                        let changed = {
-                            let cur = tx.borrow();
-                            cur.revision != snap.revision
-                                || cur.documents.len() != snap.documents.len()
-                        };
-                        if changed {
-                            tracing::debug!(
-                                revision = snap.revision,
-                                documents = snap.documents.len(),
-                                "config snapshot updated"
-                            );
-                            if tx.send(Arc::new(snap)).is_err() {
-                                return; // every handle dropped
-                            }
-                        }
-                    }
-                    Err(status) => {
-                        let age = last_ok.map(|t| t.elapsed().as_secs());
-                        staleness.set(age.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX)));
-                        let reason = match age {
-                            Some(a) => format!(
-                                "serving last-known-good config, {a}s stale: {}",
-                                status.message()
-                            ),
-                            None => format!("no config snapshot yet: {}", status.message()),
-                        };
-                        tracing::warn!(code = ?status.code(), %reason, "config refresh failed");
-                        // Stale-but-present config keeps the service ready; the
-                        // staleness is reported in the check's detail and the metric.
-                        if last_ok.is_none() {
-                            readiness.set_not_ready(READY_CHECK, reason);
-                        }
-                        if tx.is_closed() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Self { rx }
+        let sync = Arc::new(Mutex::new(SyncState::default()));
+        let watcher = Watcher {
+            client,
+            kinds,
+            base_backoff: interval.max(Duration::from_millis(10)),
+            tx,
+            sync: sync.clone(),
+            revision,
+            readiness: readiness.clone(),
+        };
+        tokio::spawn(watcher.run());
+        tokio::spawn(report_staleness(
+            rx.clone(),
+            sync.clone(),
+            staleness,
+            readiness,
+        ));
+        Self { rx, sync }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -136,48 +126,271 @@ impl ConfigCache {
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.rx.clone()
     }
+
+    /// How long ago the cache last confirmed it is current; `None` before the first
+    /// snapshot.
+    pub fn staleness(&self) -> Option<Duration> {
+        lock(&self.sync).last_confirmed.map(|t| t.elapsed())
+    }
 }
 
-#[allow(clippy::result_large_err)]
-async fn load(
-    mut client: ConfigServiceClient<MeshChannel>,
-    kinds: &[Kind],
-) -> Result<Snapshot, tonic::Status> {
-    let mut snap = Snapshot::default();
-    for kind in kinds {
-        let mut token = String::new();
+fn lock(sync: &Mutex<SyncState>) -> std::sync::MutexGuard<'_, SyncState> {
+    sync.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a watch stream ended.
+enum StreamEnd {
+    /// Start over from a snapshot (the store compacted the revisions we need).
+    Resnapshot(String),
+    /// Reconnect and resume from the last applied revision.
+    Retry(String),
+    /// Every handle to the cache was dropped.
+    Closed,
+}
+
+struct Watcher {
+    client: ConfigServiceClient<MeshChannel>,
+    kinds: Vec<Kind>,
+    base_backoff: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    sync: Arc<Mutex<SyncState>>,
+    revision: Gauge<i64, AtomicI64>,
+    readiness: Readiness,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        // 0 until a snapshot is applied; afterwards the revision to resume from.
+        let mut resume_from = 0;
+        let mut backoff = self.base_backoff;
         loop {
-            let mut req = tonic::Request::new(ListRequest {
-                scope: Scope::All as i32,
-                kind: *kind as i32,
-                page: Some(PageRequest {
-                    page_size: 500,
-                    page_token: token.clone(),
-                }),
-            });
-            req.set_timeout(Duration::from_secs(5));
-            let resp = client.list(req).await?.into_inner();
-            snap.revision = snap.revision.max(resp.revision);
-            for d in resp.documents {
-                snap.documents
-                    .insert((d.kind, d.tenant.clone(), d.name.clone()), d);
+            let started = Instant::now();
+            let end = self.follow(&mut resume_from).await;
+            let reason = match end {
+                StreamEnd::Closed => return,
+                StreamEnd::Resnapshot(reason) => {
+                    resume_from = 0;
+                    reason
+                }
+                StreamEnd::Retry(reason) => reason,
+            };
+            tracing::warn!(%reason, resume_from, "config watch broken; serving last-known-good config");
+            lock(&self.sync).last_error = Some(reason);
+            if started.elapsed() > SILENCE_LIMIT {
+                // The stream worked for a while: this is a fresh failure.
+                backoff = self.base_backoff;
             }
-            if resp.next_page_token.is_empty() {
-                break;
+            let jitter = rand::random_range(0.8..1.2);
+            tokio::select! {
+                () = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                () = self.tx.closed() => return,
             }
-            token = resp.next_page_token;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
-    Ok(snap)
+
+    /// Opens one watch and applies what it sends until it ends.
+    async fn follow(&mut self, resume_from: &mut i64) -> StreamEnd {
+        let mut req = tonic::Request::new(WatchRequest {
+            scope: Scope::All as i32,
+            kinds: self.kinds.iter().map(|k| *k as i32).collect(),
+            start_revision: *resume_from,
+        });
+        req.set_timeout(Duration::from_secs(365 * 24 * 3600));
+        let opened = tokio::select! {
+            r = tokio::time::timeout(SILENCE_LIMIT, self.client.watch(req)) => r,
+            () = self.tx.closed() => return StreamEnd::Closed,
+        };
+        let mut stream = match opened {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) => return ended_by(&status),
+            Err(_) => {
+                return StreamEnd::Retry(format!(
+                    "the config service did not open the watch within {SILENCE_LIMIT:?}"
+                ));
+            }
+        };
+        // A fresh stream (start_revision 0) opens with snapshot messages (none if
+        // nothing matches) and then a marker without `snapshot`; they are collected
+        // here and swapped in at the marker.
+        let mut pending: Option<BTreeMap<DocKey, Document>> =
+            (*resume_from == 0).then(BTreeMap::new);
+        loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout(SILENCE_LIMIT, stream.message()) => r,
+                () = self.tx.closed() => return StreamEnd::Closed,
+            };
+            let msg = match next {
+                Ok(Ok(Some(msg))) => msg,
+                Ok(Ok(None)) => {
+                    return StreamEnd::Retry("the config service ended the watch".to_owned());
+                }
+                Ok(Err(status)) => return ended_by(&status),
+                Err(_) => {
+                    return StreamEnd::Retry(format!(
+                        "no message on the config watch for {SILENCE_LIMIT:?}"
+                    ));
+                }
+            };
+            if msg.snapshot {
+                let Some(docs) = pending.as_mut() else {
+                    return StreamEnd::Resnapshot(
+                        "the config watch sent a snapshot on a resumed stream".to_owned(),
+                    );
+                };
+                apply_events(docs, &msg);
+                continue;
+            }
+            if let Some(docs) = pending.take() {
+                self.publish(Snapshot {
+                    revision: msg.revision,
+                    documents: docs,
+                });
+            }
+            if !msg.events.is_empty() {
+                let mut next = Snapshot::clone(&self.tx.borrow());
+                apply_events(&mut next.documents, &msg);
+                next.revision = msg.revision;
+                self.publish(next);
+            }
+            // Progress without changes for our kinds moves only the resume point.
+            *resume_from = (*resume_from).max(msg.revision);
+            let mut sync = lock(&self.sync);
+            sync.last_confirmed = Some(Instant::now());
+            sync.last_error = None;
+            drop(sync);
+            self.readiness.set_ready(READY_CHECK);
+        }
+    }
+
+    fn publish(&self, snap: Snapshot) {
+        tracing::debug!(
+            revision = snap.revision,
+            documents = snap.documents.len(),
+            "config snapshot updated"
+        );
+        self.revision.set(snap.revision);
+        self.tx.send_replace(Arc::new(snap));
+    }
 }
 
-/// Current revision counter shared with tests.
-pub fn revision_of(cache: &ConfigCache) -> i64 {
-    cache.snapshot().revision
+fn ended_by(status: &tonic::Status) -> StreamEnd {
+    let reason = format!("{:?}: {}", status.code(), status.message());
+    if status.code() == tonic::Code::FailedPrecondition {
+        StreamEnd::Resnapshot(reason)
+    } else {
+        StreamEnd::Retry(reason)
+    }
 }
 
-#[allow(dead_code)]
-fn _assert_send(c: ConfigCache) -> impl Send {
-    let _ = AtomicI64::new(0).load(Ordering::Relaxed);
-    c
+/// Applies the events of one message to `docs`.
+fn apply_events(docs: &mut BTreeMap<DocKey, Document>, msg: &WatchResponse) {
+    for event in &msg.events {
+        let Some(doc) = &event.document else { continue };
+        let key = (doc.kind, doc.tenant.clone(), doc.name.clone());
+        if event.r#type == EventType::Delete as i32 {
+            docs.remove(&key);
+        } else if docs.get(&key).is_none_or(|cur| cur.version <= doc.version) {
+            // A replayed change older than what we hold is skipped.
+            docs.insert(key, doc.clone());
+        }
+    }
+}
+
+/// Keeps the staleness metric and the readiness detail current, once a second.
+async fn report_staleness(
+    rx: watch::Receiver<Arc<Snapshot>>,
+    sync: Arc<Mutex<SyncState>>,
+    staleness: Gauge<i64, AtomicI64>,
+    readiness: Readiness,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if rx.has_changed().is_err() {
+            return; // the watcher is gone
+        }
+        let state = lock(&sync);
+        let Some(confirmed) = state.last_confirmed else {
+            if let Some(e) = &state.last_error {
+                readiness.set_not_ready(READY_CHECK, format!("no config snapshot yet: {e}"));
+            }
+            continue;
+        };
+        let age = confirmed.elapsed();
+        staleness.set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+        if let Some(e) = &state.last_error {
+            // Stale-but-present config keeps the service ready; the check's detail
+            // says how stale and why.
+            let detail = format!(
+                "serving last-known-good config (revision {}), {}s stale: {e}",
+                rx.borrow().revision,
+                age.as_secs()
+            );
+            drop(state);
+            readiness.set_ready_noting(READY_CHECK, detail);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(kind: Kind, name: &str, version: i64) -> Document {
+        Document {
+            tenant: "_global".into(),
+            kind: kind as i32,
+            name: name.into(),
+            spec_json: "{}".into(),
+            version,
+            ..Default::default()
+        }
+    }
+
+    fn put(d: Document) -> crewmesh_proto::config::v1::DocumentEvent {
+        crewmesh_proto::config::v1::DocumentEvent {
+            r#type: EventType::Put as i32,
+            document: Some(d),
+        }
+    }
+
+    #[test]
+    fn events_apply_in_order_and_replays_do_not_go_back() {
+        let mut docs = BTreeMap::new();
+        let msg = WatchResponse {
+            revision: 5,
+            snapshot: false,
+            events: vec![
+                put(doc(Kind::Model, "a", 3)),
+                put(doc(Kind::Model, "b", 4)),
+                put(doc(Kind::Provider, "p", 5)),
+            ],
+        };
+        apply_events(&mut docs, &msg);
+        let replay = WatchResponse {
+            revision: 5,
+            snapshot: false,
+            events: vec![
+                put(doc(Kind::Model, "a", 2)),
+                crewmesh_proto::config::v1::DocumentEvent {
+                    r#type: EventType::Delete as i32,
+                    document: Some(doc(Kind::Model, "b", 0)),
+                },
+            ],
+        };
+        apply_events(&mut docs, &replay);
+        let snap = Snapshot {
+            revision: 5,
+            documents: docs,
+        };
+        let models: Vec<(String, i64)> = snap
+            .of_kind(Kind::Model)
+            .map(|d| (d.name.clone(), d.version))
+            .collect();
+        assert_eq!(models, vec![("a".to_owned(), 3)]);
+        assert_eq!(snap.of_kind(Kind::Provider).count(), 1);
+        assert_eq!(snap.of_kind(Kind::Agent).count(), 0);
+    }
 }

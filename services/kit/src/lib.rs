@@ -8,6 +8,7 @@
 //! - [`settings`]: config files plus `CREWMESH_` environment, strictly validated.
 //! - [`clients`], [`batch`], [`config_cache`]: typed clients to the other services,
 //!   asynchronous audit and usage clients, and the watched config snapshot.
+//! - [`flags`]: the in-process feature flag evaluator (OpenFeature semantics).
 //! - [`pki`]: the development CA used by `crewmesh up` and `crewmesh certs init`.
 //! - [`status`]: the single mapping from service errors to gRPC statuses.
 
@@ -18,6 +19,7 @@ pub mod authz;
 pub mod batch;
 pub mod clients;
 pub mod config_cache;
+pub mod flags;
 pub mod identity;
 pub mod mesh;
 pub mod observe;
@@ -25,6 +27,7 @@ pub mod pki;
 pub mod principal;
 pub mod server;
 pub mod settings;
+pub mod spool;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

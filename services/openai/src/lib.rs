@@ -474,6 +474,158 @@ pub fn response_from_proto(resp: &pb::CompleteResponse) -> ChatResponse {
     }
 }
 
+/// One `chat.completion.chunk` of an OpenAI-compatible SSE stream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct ChatChunk {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default = "chunk_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: i64,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    /// Present on the last chunk when `stream_options.include_usage` was asked for.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+}
+
+fn chunk_object() -> String {
+    "chat.completion.chunk".to_owned()
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct ChunkChoice {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default)]
+    pub delta: ChunkDelta,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct ChunkDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallChunk>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct ToolCallChunk {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionChunk>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct FunctionChunk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// The router's deltas of one provider chunk (a usage-only chunk gives none).
+pub fn chunk_to_proto(chunk: &ChatChunk) -> Vec<pb::StreamDelta> {
+    chunk
+        .choices
+        .iter()
+        .map(|c| pb::StreamDelta {
+            index: c.index,
+            role: c
+                .delta
+                .role
+                .as_deref()
+                .and_then(|r| role_from_wire(r, 0).ok())
+                .map(|r| r as i32)
+                .unwrap_or(pb::Role::Unspecified as i32),
+            content: c.delta.content.clone(),
+            tool_calls: c
+                .delta
+                .tool_calls
+                .iter()
+                .flatten()
+                .map(|t| pb::ToolCallDelta {
+                    index: t.index,
+                    id: t.id.clone().unwrap_or_default(),
+                    name: t
+                        .function
+                        .as_ref()
+                        .and_then(|f| f.name.clone())
+                        .unwrap_or_default(),
+                    arguments_json: t
+                        .function
+                        .as_ref()
+                        .and_then(|f| f.arguments.clone())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            finish_reason: c.finish_reason.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The chunk a client receives for one router delta.
+pub fn chunk_from_proto(id: &str, model: &str, created: i64, delta: &pb::StreamDelta) -> ChatChunk {
+    let role =
+        (delta.role != pb::Role::Unspecified as i32).then(|| role_to_wire(delta.role).to_owned());
+    let tool_calls: Vec<ToolCallChunk> = delta
+        .tool_calls
+        .iter()
+        .map(|t| ToolCallChunk {
+            index: t.index,
+            id: (!t.id.is_empty()).then(|| t.id.clone()),
+            kind: (!t.id.is_empty()).then(function_type),
+            function: Some(FunctionChunk {
+                name: (!t.name.is_empty()).then(|| t.name.clone()),
+                arguments: Some(t.arguments_json.clone()),
+            }),
+        })
+        .collect();
+    ChatChunk {
+        id: id.to_owned(),
+        object: chunk_object(),
+        created,
+        model: model.to_owned(),
+        choices: vec![ChunkChoice {
+            index: delta.index,
+            delta: ChunkDelta {
+                role,
+                content: delta.content.clone(),
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+            },
+            finish_reason: (!delta.finish_reason.is_empty()).then(|| delta.finish_reason.clone()),
+            logprobs: None,
+        }],
+        usage: None,
+        system_fingerprint: None,
+    }
+}
+
+/// Builds the streaming request sent to an OpenAI-compatible provider: as
+/// [`request_from_proto`], with `stream` and `stream_options.include_usage` set.
+pub fn stream_request_from_proto(req: &pb::CompleteRequest, upstream_model: &str) -> ChatRequest {
+    let mut out = request_from_proto(req, upstream_model);
+    out.stream = Some(true);
+    out.stream_options = Some(serde_json::json!({"include_usage": true}));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,5 +719,38 @@ mod tests {
         );
         assert_eq!(back.choices[0].finish_reason.as_deref(), Some("stop"));
         assert_eq!(back.usage.unwrap().prompt_tokens, 3);
+    }
+
+    #[test]
+    fn stream_chunks_map_both_ways() {
+        let chunk: ChatChunk = serde_json::from_value(serde_json::json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]},
+                "finish_reason": null}],
+            "usage": null
+        }))
+        .unwrap();
+        let deltas = chunk_to_proto(&chunk);
+        assert_eq!(deltas.len(), 1);
+        assert_eq!(deltas[0].role, pb::Role::Assistant as i32);
+        assert_eq!(deltas[0].tool_calls[0].id, "call_1");
+        assert_eq!(deltas[0].tool_calls[0].name, "f");
+        let back = chunk_from_proto("x", "alias", 7, &deltas[0]);
+        assert_eq!(back.choices[0].delta.role.as_deref(), Some("assistant"));
+        let calls = back.choices[0].delta.tool_calls.as_ref().unwrap();
+        assert_eq!(calls[0].kind.as_deref(), Some("function"));
+        assert_eq!(
+            calls[0].function.as_ref().unwrap().name.as_deref(),
+            Some("f")
+        );
+        let usage_only: ChatChunk = serde_json::from_value(serde_json::json!({
+            "id": "c", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        }))
+        .unwrap();
+        assert!(chunk_to_proto(&usage_only).is_empty());
+        assert_eq!(usage_only.usage.unwrap().total_tokens, 5);
+        let req = stream_request_from_proto(&pb::CompleteRequest::default(), "m");
+        assert_eq!(req.stream, Some(true));
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crewmesh_kit::config_cache::Snapshot;
 use crewmesh_kit::settings::{Secret, read_secret_file};
@@ -25,6 +26,24 @@ pub struct ProviderSpec {
     /// Path of a file holding the API key.
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// Time allowed to open the TCP (and TLS) connection.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Time allowed from sending the request to the response headers (and, when
+    /// streaming, to the first event).
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Time allowed for the whole attempt, body included.
+    #[serde(default)]
+    pub total_timeout_ms: Option<u64>,
+}
+
+/// The timeouts of one provider; unset ones take the router's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    pub first_byte: Option<Duration>,
+    pub total: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -43,10 +62,97 @@ pub struct DeploymentSpec {
     /// USD per million completion tokens.
     #[serde(default)]
     pub output_price_per_1m: f64,
+    /// Requests per minute this deployment accepts (across all router replicas).
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per minute this deployment accepts.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Higher is better; compared with the request's `quality_tier`.
+    #[serde(default)]
+    pub quality_tier: u32,
+    /// Largest prompt plus completion, in tokens; 0 means unknown.
+    #[serde(default)]
+    pub context_window: u64,
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 fn one() -> f64 {
     1.0
+}
+
+/// Retries on one deployment before falling back to the next.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RetrySpec {
+    /// Extra attempts on the same deployment after a retryable failure.
+    pub max_retries: u32,
+    /// The first backoff cap; doubled per retry (full jitter: a uniform wait in 0..cap).
+    pub base_ms: u64,
+    /// The largest backoff cap.
+    pub max_ms: u64,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_retries: 1,
+            base_ms: 100,
+            max_ms: 2_000,
+        }
+    }
+}
+
+/// When a deployment's circuit breaker opens.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BreakerSpec {
+    /// Opens after this many failures in a row.
+    pub consecutive_failures: u32,
+    /// Or when the failure ratio over `window_secs` reaches this ...
+    pub error_rate: f64,
+    /// ... with at least this many calls in the window.
+    pub min_calls: u32,
+    pub window_secs: u64,
+    /// How long it stays open before one half-open probe is let through.
+    pub open_secs: u64,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            error_rate: 0.5,
+            min_calls: 20,
+            window_secs: 30,
+            open_secs: 10,
+        }
+    }
+}
+
+/// Response caching of an alias.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+pub struct CacheSpec {
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// In `priority` order (ties in document order); the rest are the fallback chain.
+    #[default]
+    Priority,
+    /// Weighted random order.
+    #[serde(alias = "weighted")]
+    WeightedRandom,
+    /// Lowest latency (EWMA) first, with a little exploration.
+    LeastLatency,
+    /// Cheapest deployment that meets the requested quality tier first.
+    #[serde(alias = "cost")]
+    CostOptimised,
+    /// Learns success rate and latency per deployment (UCB bandit).
+    Adaptive,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +160,17 @@ pub struct ModelSpec {
     pub deployments: Vec<DeploymentSpec>,
     #[serde(default)]
     pub owned_by: Option<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Aliases tried, in order, when every deployment of this one failed.
+    #[serde(default)]
+    pub fallback_models: Vec<String>,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    #[serde(default)]
+    pub cache: Option<CacheSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,16 +179,25 @@ pub struct Provider {
     pub kind: String,
     pub base_url: String,
     pub api_key: Option<Secret>,
+    pub timeouts: Timeouts,
 }
 
 #[derive(Debug, Clone)]
 pub struct Deployment {
     pub name: String,
+    /// Identifies the deployment across catalog reloads (breaker, limits, latency):
+    /// `<tenant>/<alias>/<name>`.
+    pub key: String,
     pub provider: Result<Arc<Provider>, String>,
     pub upstream_model: String,
     pub priority: i32,
+    pub weight: f64,
     pub input_price_per_1m: f64,
     pub output_price_per_1m: f64,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub quality_tier: u32,
+    pub context_window: u64,
 }
 
 impl Deployment {
@@ -87,8 +213,13 @@ impl Deployment {
 pub struct Model {
     pub alias: String,
     pub owned_by: String,
-    /// In the order they are tried.
+    /// Sorted by priority (stable, so ties keep document order).
     pub deployments: Vec<Deployment>,
+    pub strategy: Strategy,
+    pub fallback_models: Vec<String>,
+    pub retry: RetrySpec,
+    pub breaker: BreakerSpec,
+    pub cache: Option<CacheSpec>,
 }
 
 /// Every alias, by (tenant or `_global`, alias).
@@ -114,6 +245,11 @@ impl Catalog {
                             kind: spec.kind,
                             base_url: spec.base_url.trim_end_matches('/').to_owned(),
                             api_key,
+                            timeouts: Timeouts {
+                                connect: spec.connect_timeout_ms.map(Duration::from_millis),
+                                first_byte: spec.first_byte_timeout_ms.map(Duration::from_millis),
+                                total: spec.total_timeout_ms.map(Duration::from_millis),
+                            },
                         }),
                     );
                 }
@@ -141,16 +277,23 @@ impl Catalog {
                         .or_else(|| providers.get(&(GLOBAL.to_owned(), d.provider.clone())))
                         .cloned()
                         .ok_or_else(|| d.provider.clone());
+                    let name = d
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("{}/{}", doc.name, i));
                     Deployment {
-                        name: d
-                            .name
-                            .clone()
-                            .unwrap_or_else(|| format!("{}/{}", doc.name, i)),
+                        key: format!("{}/{}/{}", doc.tenant, doc.name, name),
+                        name,
                         provider,
                         upstream_model: d.model.clone(),
                         priority: d.priority,
+                        weight: if d.weight > 0.0 { d.weight } else { 1.0 },
                         input_price_per_1m: d.input_price_per_1m,
                         output_price_per_1m: d.output_price_per_1m,
+                        rpm: d.rpm,
+                        tpm: d.tpm,
+                        quality_tier: d.quality_tier,
+                        context_window: d.context_window,
                     }
                 })
                 .collect();
@@ -161,6 +304,11 @@ impl Catalog {
                     alias: doc.name.clone(),
                     owned_by: spec.owned_by.unwrap_or_else(|| "crewmesh".to_owned()),
                     deployments,
+                    strategy: spec.strategy,
+                    fallback_models: spec.fallback_models,
+                    retry: spec.retry,
+                    breaker: spec.breaker,
+                    cache: spec.cache,
                 }),
             );
         }

@@ -21,6 +21,25 @@ pub enum RouterError {
     AllDeploymentsFailed { model: String, last: String },
     #[error("the upstream is rate limiting: {0}")]
     UpstreamRateLimited(String),
+    #[error("the circuit breaker of deployment `{0}` is open")]
+    BreakerOpen(String),
+    #[error("deployment `{deployment}` is at its rate limit; retry in {}s", retry_after.as_secs().max(1))]
+    DeploymentLimited {
+        deployment: String,
+        retry_after: std::time::Duration,
+    },
+    #[error(
+        "the request (about {estimated} tokens with max_tokens) does not fit the context window of deployment `{deployment}` ({context_window} tokens)"
+    )]
+    ContextTooLong {
+        deployment: String,
+        context_window: u64,
+        estimated: u64,
+    },
+    #[error("the caller's deadline passed before an upstream answered")]
+    DeadlineExceeded,
+    #[error("no deployment of `{model}` meets quality tier {quality_tier}")]
+    NoEligibleDeployment { model: String, quality_tier: u32 },
     #[error("configuration not loaded yet")]
     NotReady,
     #[error("cannot start: {0}")]
@@ -32,17 +51,21 @@ pub enum RouterError {
 impl ServiceError for RouterError {
     fn class(&self) -> ErrorClass {
         match self {
-            RouterError::InvalidRequest(_) | RouterError::UpstreamRejected { .. } => {
-                ErrorClass::InvalidArgument
-            }
+            RouterError::InvalidRequest(_)
+            | RouterError::UpstreamRejected { .. }
+            | RouterError::ContextTooLong { .. } => ErrorClass::InvalidArgument,
             RouterError::UnknownModel(_) => ErrorClass::NotFound,
             RouterError::UnknownProvider { .. } | RouterError::UnsupportedProvider(_) => {
                 ErrorClass::FailedPrecondition
             }
-            RouterError::AllDeploymentsFailed { .. } | RouterError::NotReady => {
-                ErrorClass::Unavailable
+            RouterError::AllDeploymentsFailed { .. }
+            | RouterError::NotReady
+            | RouterError::BreakerOpen(_) => ErrorClass::Unavailable,
+            RouterError::UpstreamRateLimited(_) | RouterError::DeploymentLimited { .. } => {
+                ErrorClass::ResourceExhausted
             }
-            RouterError::UpstreamRateLimited(_) => ErrorClass::ResourceExhausted,
+            RouterError::DeadlineExceeded => ErrorClass::DeadlineExceeded,
+            RouterError::NoEligibleDeployment { .. } => ErrorClass::FailedPrecondition,
             RouterError::Startup(_) | RouterError::Server(_) => ErrorClass::Internal,
         }
     }

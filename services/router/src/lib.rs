@@ -2,20 +2,33 @@
 //!
 //! The router serves `crewmesh.router.v1.RouterService` over mTLS. It reads its model
 //! aliases and providers from the config service (kept current by the kit's config
-//! cache), calls OpenAI-compatible upstreams, falls back to the next deployment of an
-//! alias on retryable failures, and accounts every call to the metrics and audit
-//! services asynchronously, off the request path.
+//! cache) and calls OpenAI-compatible and Anthropic upstreams, whole or streamed. Per
+//! alias a strategy orders the deployments (priority, weighted random, least latency,
+//! cost, adaptive); retryable failures are retried with backoff inside the caller's
+//! deadline and then fall back to the next deployment and to fallback aliases;
+//! per-deployment circuit breakers, RPM/TPM limits (split between replicas counted in
+//! etcd) and an opt-in response cache apply. Every call is accounted to the metrics
+//! and audit services asynchronously, off the request path. See `docs/routing.md`.
 
 #![forbid(unsafe_code)]
 
+pub mod anthropic;
+pub mod breaker;
+pub mod cache;
 pub mod catalog;
 pub mod error;
+pub mod limits;
+pub mod membership;
 pub mod provider;
 mod service;
+pub mod strategy;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -39,8 +52,16 @@ pub struct RouterConfig {
     pub common: CommonConfig,
     /// How often the model catalog is refreshed from the config service.
     pub refresh_interval: Duration,
+    /// Provider timeouts used where a provider document sets none.
     pub upstream_connect_timeout: Duration,
+    pub upstream_first_byte_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// Bounds of the response cache (entries and bytes; 0 entries disables it).
+    pub cache_max_entries: usize,
+    pub cache_max_bytes: usize,
+    /// Replica membership in etcd, so provider limits are split between replicas;
+    /// `None` for a single router (it enforces the whole limit).
+    pub membership: Option<membership::MembershipConfig>,
 }
 
 impl RouterConfig {
@@ -49,7 +70,11 @@ impl RouterConfig {
             common,
             refresh_interval: Duration::from_secs(1),
             upstream_connect_timeout: Duration::from_secs(5),
+            upstream_first_byte_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(120),
+            cache_max_entries: 10_000,
+            cache_max_bytes: 64 << 20,
+            membership: None,
         }
     }
 
@@ -72,6 +97,7 @@ pub struct Application {
     server: MeshServer,
     usage: Option<UsageClient>,
     audit: Option<AuditClient>,
+    membership: Option<membership::Membership>,
 }
 
 impl Application {
@@ -131,20 +157,41 @@ impl Application {
             )),
             None => None,
         };
-        let provider =
-            provider::ProviderClient::new(config.upstream_connect_timeout, config.upstream_timeout)
-                .map_err(|e| RouterError::Startup(e.to_string()))?;
+        let provider = provider::ProviderClient::new(provider::DefaultTimeouts {
+            connect: config.upstream_connect_timeout,
+            first_byte: config.upstream_first_byte_timeout,
+            total: config.upstream_timeout,
+        })
+        .map_err(|e| RouterError::Startup(e.to_string()))?;
+        let replicas = Arc::new(AtomicU64::new(1));
+        let membership = match &config.membership {
+            Some(m) => Some(
+                membership::Membership::join(m, replicas.clone())
+                    .await
+                    .map_err(|e| RouterError::Startup(e.to_string()))?,
+            ),
+            None => None,
+        };
         let svc = service::RouterService {
-            catalog,
-            provider,
-            usage: usage.clone(),
-            audit: audit.clone(),
+            core: Arc::new(service::Core {
+                catalog,
+                provider,
+                recorder: service::Recorder::new(usage.clone(), audit.clone()),
+                breakers: Arc::new(breaker::Breakers::new(&metrics)),
+                stats: Arc::new(strategy::Stats::default()),
+                cache: Arc::new(cache::ResponseCache::new(
+                    config.cache_max_entries,
+                    config.cache_max_bytes,
+                )),
+                limits: Arc::new(limits::Limits::new(replicas)),
+            }),
         };
         server.add_service(RouterServiceServer::new(svc));
         Ok(Self {
             server,
             usage,
             audit,
+            membership,
         })
     }
 
@@ -161,6 +208,9 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RouterError> {
         self.server.run(shutdown).await?;
+        if let Some(m) = self.membership {
+            m.leave().await;
+        }
         if let Some(u) = &self.usage {
             u.flush(Duration::from_secs(5)).await;
         }

@@ -1,21 +1,46 @@
-//! The OpenAI-compatible provider client (used for OpenAI, compatible servers and the
-//! simulated upstream). One pooled HTTP client per router; HTTP/2 where the upstream
-//! offers it.
+//! The provider client: OpenAI-compatible chat completions (OpenAI, compatible servers
+//! and the simulated upstream) and Anthropic Messages, non-streaming and streaming,
+//! with separate connect, first-byte and total timeouts.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crewmesh_openai::{ChatResponse, request_from_proto, response_to_proto};
+use bytes::Bytes;
+use crewmesh_openai::{
+    ChatChunk, ChatResponse, chunk_to_proto, request_from_proto, response_to_proto,
+    stream_request_from_proto,
+};
 use crewmesh_proto::router::v1 as pb;
+use crewmesh_proto::types::v1::TokenUsage;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 use crate::catalog::Provider;
+
+/// Which timeout fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    FirstByte,
+    Total,
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::FirstByte => "first-byte",
+            TimeoutKind::Total => "total",
+        })
+    }
+}
 
 /// Why one upstream attempt failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect: {0}")]
     Connect(String),
-    #[error("timed out after {0:?}")]
-    Timeout(Duration),
+    #[error("{0} timeout after {1:?}")]
+    Timeout(TimeoutKind, Duration),
     #[error("upstream answered {status}: {message}")]
     Status {
         status: u16,
@@ -30,19 +55,59 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// Whether another attempt (on this or another deployment) can succeed.
+    /// The wait the upstream asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Timeout(_) => true,
+            UpstreamError::Connect(_) | UpstreamError::Timeout(..) => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             UpstreamError::Malformed(_) | UpstreamError::Unsupported(_) => false,
         }
     }
 }
 
+/// The router-wide defaults for provider timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct DefaultTimeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub total: Duration,
+}
+
+/// The timeouts of one attempt, after provider overrides and the caller's deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTimeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub total: Duration,
+}
+
+impl DefaultTimeouts {
+    /// The provider's own timeouts where set, these defaults elsewhere, and never
+    /// beyond `remaining` (what is left of the caller's deadline).
+    pub fn for_attempt(&self, provider: &Provider, remaining: Option<Duration>) -> AttemptTimeouts {
+        let t = provider.timeouts;
+        let cap = |d: Duration| remaining.map_or(d, |r| d.min(r));
+        AttemptTimeouts {
+            connect: t.connect.unwrap_or(self.connect),
+            first_byte: cap(t.first_byte.unwrap_or(self.first_byte)),
+            total: cap(t.total.unwrap_or(self.total)),
+        }
+    }
+}
+
+/// One pooled HTTP client per distinct connect timeout (reqwest sets it per client);
+/// HTTP/2 where the upstream offers it.
 #[derive(Clone, Debug)]
 pub struct ProviderClient {
-    http: reqwest::Client,
-    timeout: Duration,
+    clients: Arc<Mutex<HashMap<Duration, reqwest::Client>>>,
+    pub defaults: DefaultTimeouts,
 }
 
 /// The answer of one successful attempt.
@@ -51,8 +116,155 @@ pub struct Answer {
     pub latency: Duration,
 }
 
+/// One event of an upstream stream, in the router's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    Deltas(Vec<pb::StreamDelta>),
+    Usage(TokenUsage),
+    /// The upstream said the stream is complete.
+    Done,
+}
+
+/// An upstream stream whose first event has arrived.
+pub struct UpstreamStream {
+    body: BoxStream<'static, Result<Bytes, reqwest::Error>>,
+    buf: Vec<u8>,
+    pending: VecDeque<StreamItem>,
+    deadline: tokio::time::Instant,
+    total: Duration,
+    wire: Wire,
+    anthropic: crate::anthropic::StreamState,
+    pub started: Instant,
+    pub time_to_first_event: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    OpenAi,
+    Anthropic,
+}
+
+impl UpstreamStream {
+    /// The next event; `Ok(None)` when the upstream closed the stream (a close before
+    /// [`StreamItem::Done`] is a truncated stream).
+    pub async fn next(&mut self) -> Result<Option<StreamItem>, UpstreamError> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Ok(Some(item));
+            }
+            let chunk = tokio::time::timeout_at(self.deadline, self.body.next())
+                .await
+                .map_err(|_| UpstreamError::Timeout(TimeoutKind::Total, self.total))?;
+            match chunk {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(UpstreamError::Connect(format!(
+                        "the stream broke: {}",
+                        error_chain(&e)
+                    )));
+                }
+                Some(Ok(bytes)) => {
+                    self.buf.extend_from_slice(&bytes);
+                    self.parse_events()?;
+                }
+            }
+        }
+    }
+
+    fn parse_events(&mut self) -> Result<(), UpstreamError> {
+        while let Some((end, sep)) = find_event_end(&self.buf) {
+            let event: Vec<u8> = self.buf.drain(..end + sep).take(end).collect();
+            let text = std::str::from_utf8(&event)
+                .map_err(|_| UpstreamError::Malformed("a stream event is not UTF-8".into()))?;
+            let mut data = String::new();
+            let mut name = "";
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+                } else if let Some(rest) = line.strip_prefix("event:") {
+                    name = rest.trim();
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            match self.wire {
+                Wire::OpenAi => self.openai_event(&data)?,
+                Wire::Anthropic => {
+                    let items = crate::anthropic::stream_event(name, &data, &mut self.anthropic)?;
+                    self.pending.extend(items);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn openai_event(&mut self, data: &str) -> Result<(), UpstreamError> {
+        if data.trim() == "[DONE]" {
+            self.pending.push_back(StreamItem::Done);
+            return Ok(());
+        }
+        let value: serde_json::Value = serde_json::from_str(data)
+            .map_err(|e| UpstreamError::Malformed(format!("a stream event: {e}")))?;
+        if let Some(err) = value.get("error") {
+            return Err(UpstreamError::Status {
+                status: 502,
+                message: err
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("the upstream sent an error event")
+                    .to_owned(),
+                retry_after: None,
+            });
+        }
+        let chunk: ChatChunk = serde_json::from_value(value)
+            .map_err(|e| UpstreamError::Malformed(format!("a stream chunk: {e}")))?;
+        let deltas = chunk_to_proto(&chunk);
+        if !deltas.is_empty() {
+            self.pending.push_back(StreamItem::Deltas(deltas));
+        }
+        if let Some(u) = chunk.usage {
+            self.pending.push_back(StreamItem::Usage(TokenUsage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                total_tokens: u.total_tokens,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// The end of the first complete event in `buf` and the separator's length.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    for i in 0..buf.len() {
+        if buf[i..].starts_with(b"\n\n") {
+            return Some((i, 2));
+        }
+        if buf[i..].starts_with(b"\r\n\r\n") {
+            return Some((i, 4));
+        }
+    }
+    None
+}
+
 impl ProviderClient {
-    pub fn new(connect_timeout: Duration, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(defaults: DefaultTimeouts) -> Result<Self, reqwest::Error> {
+        let me = Self {
+            clients: Arc::new(Mutex::new(HashMap::new())),
+            defaults,
+        };
+        me.client(defaults.connect)?;
+        Ok(me)
+    }
+
+    fn client(&self, connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&connect_timeout) {
+            return Ok(c.clone());
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -60,7 +272,69 @@ impl ProviderClient {
             .tcp_nodelay(true)
             .user_agent(concat!("crewmesh-router/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, timeout })
+        clients.insert(connect_timeout, http.clone());
+        Ok(http)
+    }
+
+    fn wire(provider: &Provider) -> Result<Wire, UpstreamError> {
+        match provider.kind.as_str() {
+            "openai" | "simulated" => Ok(Wire::OpenAi),
+            "anthropic" => Ok(Wire::Anthropic),
+            other => Err(UpstreamError::Unsupported(other.to_owned())),
+        }
+    }
+
+    /// Sends the request and waits for the response headers within the first-byte
+    /// timeout; a non-2xx answer is read and turned into [`UpstreamError::Status`].
+    async fn send(
+        &self,
+        provider: &Provider,
+        wire: Wire,
+        body: serde_json::Value,
+        t: AttemptTimeouts,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let http = self
+            .client(t.connect)
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        let mut call = match wire {
+            Wire::OpenAi => {
+                let mut c = http.post(format!("{}/chat/completions", provider.base_url));
+                if let Some(key) = &provider.api_key {
+                    c = c.bearer_auth(key.expose());
+                }
+                c
+            }
+            Wire::Anthropic => {
+                let mut c = http
+                    .post(format!("{}/messages", provider.base_url))
+                    .header("anthropic-version", crate::anthropic::API_VERSION);
+                if let Some(key) = &provider.api_key {
+                    c = c.header("x-api-key", key.expose());
+                }
+                c
+            }
+        };
+        call = call.json(&body).timeout(t.total);
+        let resp = match tokio::time::timeout(t.first_byte, call.send()).await {
+            Err(_) => return Err(UpstreamError::Timeout(TimeoutKind::FirstByte, t.first_byte)),
+            Ok(r) => r.map_err(|e| classify(e, t))?,
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = resp.bytes().await.map_err(|e| classify(e, t))?;
+        Err(UpstreamError::Status {
+            status: status.as_u16(),
+            message: error_message(&bytes),
+            retry_after,
+        })
     }
 
     /// One attempt against one provider.
@@ -69,51 +343,83 @@ impl ProviderClient {
         provider: &Provider,
         upstream_model: &str,
         req: &pb::CompleteRequest,
+        t: AttemptTimeouts,
     ) -> Result<Answer, UpstreamError> {
-        match provider.kind.as_str() {
-            "openai" | "simulated" => {}
-            other => return Err(UpstreamError::Unsupported(other.to_owned())),
+        let wire = Self::wire(provider)?;
+        let body = match wire {
+            Wire::OpenAi => serde_json::to_value(request_from_proto(req, upstream_model)),
+            Wire::Anthropic => {
+                serde_json::to_value(crate::anthropic::request(req, upstream_model, false))
+            }
         }
-        let body = request_from_proto(req, upstream_model);
-        let url = format!("{}/chat/completions", provider.base_url);
-        let mut call = self.http.post(&url).json(&body).timeout(self.timeout);
-        if let Some(key) = &provider.api_key {
-            call = call.bearer_auth(key.expose());
-        }
+        .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let started = Instant::now();
-        let resp = call.send().await.map_err(|e| self.classify(e))?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let bytes = resp.bytes().await.map_err(|e| self.classify(e))?;
-        if !status.is_success() {
-            return Err(UpstreamError::Status {
-                status: status.as_u16(),
-                message: error_message(&bytes),
-                retry_after,
-            });
-        }
-        let parsed: ChatResponse =
-            serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let response =
-            response_to_proto(parsed).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let resp = self.send(provider, wire, body, t).await?;
+        let bytes = resp.bytes().await.map_err(|e| classify(e, t))?;
+        let response = match wire {
+            Wire::OpenAi => {
+                let parsed: ChatResponse = serde_json::from_slice(&bytes)
+                    .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+                response_to_proto(parsed).map_err(|e| UpstreamError::Malformed(e.to_string()))?
+            }
+            Wire::Anthropic => crate::anthropic::response(&bytes)?,
+        };
         Ok(Answer {
             response,
             latency: started.elapsed(),
         })
     }
 
-    fn classify(&self, e: reqwest::Error) -> UpstreamError {
-        if e.is_timeout() {
-            UpstreamError::Timeout(self.timeout)
-        } else {
-            // The error chain can include the URL; it never includes the API key.
-            UpstreamError::Connect(error_chain(&e))
+    /// Opens a stream and waits for its first event (both within the first-byte
+    /// timeout), so that a failure before anything reached the caller can fail over.
+    pub async fn open_stream(
+        &self,
+        provider: &Provider,
+        upstream_model: &str,
+        req: &pb::CompleteRequest,
+        t: AttemptTimeouts,
+    ) -> Result<(StreamItem, UpstreamStream), UpstreamError> {
+        let wire = Self::wire(provider)?;
+        let body = match wire {
+            Wire::OpenAi => serde_json::to_value(stream_request_from_proto(req, upstream_model)),
+            Wire::Anthropic => {
+                serde_json::to_value(crate::anthropic::request(req, upstream_model, true))
+            }
         }
+        .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let started = Instant::now();
+        let first_deadline = tokio::time::Instant::now() + t.first_byte;
+        let resp = self.send(provider, wire, body, t).await?;
+        let mut stream = UpstreamStream {
+            body: resp.bytes_stream().boxed(),
+            buf: Vec::new(),
+            pending: VecDeque::new(),
+            deadline: tokio::time::Instant::now() + t.total,
+            total: t.total,
+            wire,
+            anthropic: crate::anthropic::StreamState::default(),
+            started,
+            time_to_first_event: Duration::ZERO,
+        };
+        let first = tokio::time::timeout_at(first_deadline, stream.next())
+            .await
+            .map_err(|_| UpstreamError::Timeout(TimeoutKind::FirstByte, t.first_byte))??;
+        let first = first.ok_or_else(|| {
+            UpstreamError::Connect("the upstream closed the stream before any event".into())
+        })?;
+        stream.time_to_first_event = started.elapsed();
+        Ok((first, stream))
+    }
+}
+
+fn classify(e: reqwest::Error, t: AttemptTimeouts) -> UpstreamError {
+    if e.is_timeout() {
+        UpstreamError::Timeout(TimeoutKind::Total, t.total)
+    } else if e.is_connect() {
+        UpstreamError::Connect(error_chain(&e))
+    } else {
+        // The error chain can include the URL; it never includes the API key.
+        UpstreamError::Connect(error_chain(&e))
     }
 }
 
@@ -154,7 +460,9 @@ mod tests {
         assert!(status(500).is_retryable());
         assert!(status(429).is_retryable());
         assert!(!status(400).is_retryable());
-        assert!(UpstreamError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(
+            UpstreamError::Timeout(TimeoutKind::FirstByte, Duration::from_secs(1)).is_retryable()
+        );
         assert!(!UpstreamError::Malformed("x".into()).is_retryable());
     }
 

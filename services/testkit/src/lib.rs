@@ -9,9 +9,9 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crewmesh_kit::pki::DevPki;
@@ -111,6 +111,9 @@ fn unique_suffix() -> String {
 /// A single-node etcd on loopback with a temporary data dir.
 pub struct Etcd {
     pub client_port: u16,
+    peer_port: u16,
+    bin: PathBuf,
+    child: Mutex<Option<Child>>,
     _dir: tempfile::TempDir,
 }
 
@@ -123,31 +126,57 @@ impl Etcd {
     pub fn unique_prefix(&self) -> String {
         format!("/test-{}", unique_suffix())
     }
-}
 
-/// The test binary's etcd, started on first use.
-pub fn etcd() -> &'static Etcd {
-    static ETCD: OnceLock<Etcd> = OnceLock::new();
-    ETCD.get_or_init(|| {
+    /// A new etcd owned by the caller, for a test that stops and restarts it (the
+    /// shared [`etcd()`] must stay up for the other tests). Killed when dropped.
+    pub fn dedicated() -> Etcd {
         let bin = find_binary(
             "CREWMESH_ETCD_BIN",
             &["etcd"],
             &["/usr/bin", "/usr/local/bin"],
             "run scripts/test (it installs etcd) or `apt-get install etcd-server`",
         );
-        let dir = tempfile::tempdir().expect("temp dir for etcd");
-        let client_port = free_port();
-        let peer_port = free_port();
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        // Never waited on: the watchdog below ends it when the test binary exits.
-        #[allow(clippy::zombie_processes)]
-        let child = Command::new(bin)
+        let etcd = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            bin,
+            child: Mutex::new(None),
+            _dir: tempfile::tempdir().expect("temp dir for etcd"),
+        };
+        etcd.start();
+        etcd
+    }
+
+    /// Stops the server (SIGKILL, like a crash) and waits until it is gone.
+    pub fn stop(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut c) = child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data, and waits until it listens.
+    /// Does nothing if it is running.
+    pub fn start(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if child.is_some() {
+            return;
+        }
+        let dir = self._dir.path();
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))
+            .expect("etcd log file");
+        let c = Command::new(&self.bin)
             .args([
                 "--name",
                 "test",
                 "--data-dir",
-                &dir.path().join("data").to_string_lossy(),
+                &dir.join("data").to_string_lossy(),
                 "--listen-client-urls",
                 &client,
                 "--advertise-client-urls",
@@ -164,18 +193,25 @@ pub fn etcd() -> &'static Etcd {
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log file"),
-            ))
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start etcd");
-        watchdog(child.id(), "");
-        wait_for_port(client_port, "etcd", Duration::from_secs(20));
-        Etcd {
-            client_port,
-            _dir: dir,
-        }
-    })
+        watchdog(c.id(), "");
+        *child = Some(c);
+        wait_for_port(self.client_port, "etcd", Duration::from_secs(20));
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The test binary's etcd, started on first use.
+pub fn etcd() -> &'static Etcd {
+    static ETCD: OnceLock<Etcd> = OnceLock::new();
+    ETCD.get_or_init(Etcd::dedicated)
 }
 
 /// A PostgreSQL server on loopback with a temporary cluster directory.

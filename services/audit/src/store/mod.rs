@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crewmesh_kit::settings::{DatabaseConfig, read_secret_file};
 
+use crate::checkpoint::CheckpointRecord;
 use crate::error::{AuditError, Result};
 use crate::event::{EventRecord, NewEvent};
 
@@ -60,6 +61,10 @@ pub struct EventQuery {
     pub outcome: Option<i32>,
     /// Only events with a lower sequence (the cursor of the previous page).
     pub before_sequence: Option<i64>,
+    /// Only events with a higher sequence (the cursor of an ascending scan).
+    pub after_sequence: Option<i64>,
+    /// Lowest sequence first (exports) instead of newest first.
+    pub ascending: bool,
     pub limit: u32,
 }
 
@@ -77,6 +82,8 @@ impl EventQuery {
             resource_name: None,
             outcome: None,
             before_sequence: None,
+            after_sequence: None,
+            ascending: false,
             limit,
         }
     }
@@ -96,6 +103,53 @@ pub trait AuditStore: Clone + Send + Sync + 'static {
 
     /// Events matching `query`, highest sequence first, at most `query.limit`.
     fn query(&self, query: &EventQuery) -> impl Future<Output = Result<Vec<EventRecord>>> + Send;
+
+    /// Events of `chain` (every tenant) with a sequence above `after`, lowest first.
+    fn chain_events(
+        &self,
+        chain: &str,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<EventRecord>>> + Send;
+
+    /// The sequence and hash of the chain head row, if the chain exists.
+    fn chain_head(&self, chain: &str)
+    -> impl Future<Output = Result<Option<(i64, String)>>> + Send;
+
+    /// Stores a signed checkpoint; false when one exists at that sequence already
+    /// (another replica signed it first).
+    fn insert_checkpoint(
+        &self,
+        checkpoint: &CheckpointRecord,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Checkpoints of `chain` above sequence `after`, lowest first.
+    fn checkpoints(
+        &self,
+        chain: &str,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<CheckpointRecord>>> + Send;
+
+    /// The highest checkpointed sequence of `chain` (0 when none).
+    fn last_checkpoint_sequence(&self, chain: &str) -> impl Future<Output = Result<i64>> + Send;
+
+    /// The newest checkpoint of `chain` taken before `time_micros`.
+    fn checkpoint_before(
+        &self,
+        chain: &str,
+        time_micros: i64,
+    ) -> impl Future<Output = Result<Option<CheckpointRecord>>> + Send;
+
+    /// The retention cut of `chain` with the highest sequence.
+    fn last_cut(
+        &self,
+        chain: &str,
+    ) -> impl Future<Output = Result<Option<CheckpointRecord>>> + Send;
+
+    /// Records the signed `cut` and deletes the events it covers, in one
+    /// transaction; returns how many events were deleted.
+    fn retention_cut(&self, cut: &CheckpointRecord) -> impl Future<Output = Result<u64>> + Send;
 
     /// Closes the connection pool.
     fn close(&self) -> impl Future<Output = ()> + Send;
@@ -135,7 +189,11 @@ pub(crate) fn pg_options(db: &DatabaseConfig) -> Result<sqlx::postgres::PgConnec
         })?;
         options = options.password(password.expose());
     }
-    Ok(options.application_name("crewmesh-audit"))
+    // Plan each statement for the table as it is: a generic plan cached while the
+    // table was small (or not yet analyzed) looks ids up with a full scan.
+    Ok(options
+        .application_name("crewmesh-audit")
+        .options([("plan_cache_mode", "force_custom_plan")]))
 }
 
 pub(crate) fn sqlite_options(db: &DatabaseConfig) -> Result<sqlx::sqlite::SqliteConnectOptions> {

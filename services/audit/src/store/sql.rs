@@ -16,6 +16,7 @@ macro_rules! shared_sql {
 
         use sqlx::{QueryBuilder, Row};
 
+        use crate::checkpoint::CheckpointRecord;
         use crate::error::{AuditError, Result};
         use crate::event::{EventRecord, GENESIS_HASH, NewEvent};
         use crate::store::sql::EVENT_COLUMNS;
@@ -92,47 +93,6 @@ macro_rules! shared_sql {
             })
         }
 
-        async fn existing_ids(conn: &mut Conn, events: &[NewEvent]) -> Result<HashSet<String>> {
-            let mut found = HashSet::new();
-            for chunk in events.chunks(LOOKUP_CHUNK) {
-                let mut qb = QueryBuilder::<$db>::new("SELECT id FROM audit_events WHERE id IN (");
-                let mut list = qb.separated(", ");
-                for event in chunk {
-                    list.push_bind(event.id.as_str());
-                }
-                qb.push(")");
-                for row in qb.build().fetch_all(&mut *conn).await? {
-                    found.insert(row.try_get::<String, _>(0)?);
-                }
-            }
-            Ok(found)
-        }
-
-        async fn insert_events(conn: &mut Conn, records: &[EventRecord]) -> Result<()> {
-            let mut qb =
-                QueryBuilder::<$db>::new(format!("INSERT INTO audit_events ({EVENT_COLUMNS}) "));
-            qb.push_values(records, |mut row, e| {
-                row.push_bind(e.id.as_str())
-                    .push_bind(e.chain.as_str())
-                    .push_bind(e.sequence)
-                    .push_bind(e.time_micros)
-                    .push_bind(e.tenant.as_str())
-                    .push_bind(e.actor_subject.as_str())
-                    .push_bind(e.actor_service.as_str())
-                    .push_bind(e.action.as_str())
-                    .push_bind(e.resource_kind.as_str())
-                    .push_bind(e.resource_name.as_str())
-                    .push_bind(e.outcome)
-                    .push_bind(e.request_id.as_str())
-                    .push_bind(e.trace_id.as_str())
-                    .push_bind(e.details_json.as_str())
-                    .push_bind(e.prev_hash.as_str())
-                    .push_bind(e.hash.as_str());
-            });
-            qb.build().execute(&mut *conn).await?;
-            Ok(())
-        }
-
         pub(super) async fn query_events(
             pool: &sqlx::Pool<$db>,
             q: &EventQuery,
@@ -144,6 +104,9 @@ macro_rules! shared_sql {
             qb.push(" AND tenant = ").push_bind(q.tenant.as_str());
             if let Some(before) = q.before_sequence {
                 qb.push(" AND sequence < ").push_bind(before);
+            }
+            if let Some(after) = q.after_sequence {
+                qb.push(" AND sequence > ").push_bind(after);
             }
             if let Some(from) = q.from_micros {
                 qb.push(" AND time_micros >= ").push_bind(from);
@@ -165,10 +128,169 @@ macro_rules! shared_sql {
             if let Some(outcome) = q.outcome {
                 qb.push(" AND outcome = ").push_bind(outcome);
             }
-            qb.push(" ORDER BY sequence DESC LIMIT ")
-                .push_bind(i64::from(q.limit));
+            qb.push(if q.ascending {
+                " ORDER BY sequence ASC LIMIT "
+            } else {
+                " ORDER BY sequence DESC LIMIT "
+            })
+            .push_bind(i64::from(q.limit));
             let rows = qb.build().fetch_all(pool).await?;
             rows.iter().map(decode_event).collect()
+        }
+
+        /// Events of `chain` with a sequence above `after`, in sequence order.
+        pub(super) async fn chain_events(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+            after: i64,
+            limit: u32,
+        ) -> Result<Vec<EventRecord>> {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM audit_events WHERE chain = $1 AND sequence > $2 \
+                 ORDER BY sequence ASC LIMIT $3"
+            )))
+            .bind(chain)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(decode_event).collect()
+        }
+
+        /// The sequence and hash of the chain head, if the chain exists.
+        pub(super) async fn chain_head(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+        ) -> Result<Option<(i64, String)>> {
+            let row = sqlx::query("SELECT sequence, hash FROM audit_chain_heads WHERE chain = $1")
+                .bind(chain)
+                .fetch_optional(pool)
+                .await?;
+            Ok(match row {
+                Some(row) => Some((row.try_get(0)?, row.try_get(1)?)),
+                None => None,
+            })
+        }
+
+        /// Stores a checkpoint; false when one exists at that sequence already.
+        pub(super) async fn insert_checkpoint(
+            pool: &sqlx::Pool<$db>,
+            cp: &CheckpointRecord,
+        ) -> Result<bool> {
+            let done = sqlx::query(
+                "INSERT INTO audit_checkpoints \
+                 (chain, sequence, head_hash, time_micros, signature, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (chain, sequence) DO NOTHING",
+            )
+            .bind(cp.chain.as_str())
+            .bind(cp.sequence)
+            .bind(cp.head_hash.as_str())
+            .bind(cp.time_micros)
+            .bind(cp.signature.as_str())
+            .bind(cp.key_id.as_str())
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        /// Checkpoints of `chain` above sequence `after`, in sequence order.
+        pub(super) async fn list_checkpoints(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+            after: i64,
+            limit: u32,
+        ) -> Result<Vec<CheckpointRecord>> {
+            let rows = sqlx::query(
+                "SELECT chain, sequence, head_hash, time_micros, signature, key_id \
+                 FROM audit_checkpoints WHERE chain = $1 AND sequence > $2 \
+                 ORDER BY sequence ASC LIMIT $3",
+            )
+            .bind(chain)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(decode_signed).collect()
+        }
+
+        /// The checkpoint with the highest sequence of `chain`.
+        pub(super) async fn last_checkpoint_sequence(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+        ) -> Result<i64> {
+            let max: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(sequence) FROM audit_checkpoints WHERE chain = $1")
+                    .bind(chain)
+                    .fetch_one(pool)
+                    .await?;
+            Ok(max.unwrap_or(0))
+        }
+
+        fn decode_signed(row: &<$db as sqlx::Database>::Row) -> Result<CheckpointRecord> {
+            Ok(CheckpointRecord {
+                chain: row.try_get(0)?,
+                sequence: row.try_get(1)?,
+                head_hash: row.try_get(2)?,
+                time_micros: row.try_get(3)?,
+                signature: row.try_get(4)?,
+                key_id: row.try_get(5)?,
+            })
+        }
+
+        pub(super) async fn checkpoint_before(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+            time_micros: i64,
+        ) -> Result<Option<CheckpointRecord>> {
+            let row = sqlx::query(
+                "SELECT chain, sequence, head_hash, time_micros, signature, key_id \
+                 FROM audit_checkpoints WHERE chain = $1 AND time_micros < $2 \
+                 ORDER BY sequence DESC LIMIT 1",
+            )
+            .bind(chain)
+            .bind(time_micros)
+            .fetch_optional(pool)
+            .await?;
+            row.as_ref().map(decode_signed).transpose()
+        }
+
+        pub(super) async fn last_cut(
+            pool: &sqlx::Pool<$db>,
+            chain: &str,
+        ) -> Result<Option<CheckpointRecord>> {
+            let row = sqlx::query(
+                "SELECT chain, sequence, head_hash, time_micros, signature, key_id \
+                 FROM audit_retention_cuts WHERE chain = $1 ORDER BY sequence DESC LIMIT 1",
+            )
+            .bind(chain)
+            .fetch_optional(pool)
+            .await?;
+            row.as_ref().map(decode_signed).transpose()
+        }
+
+        pub(super) async fn retention_cut_in_tx(
+            conn: &mut Conn,
+            cut: &CheckpointRecord,
+        ) -> Result<u64> {
+            sqlx::query(
+                "INSERT INTO audit_retention_cuts \
+                 (chain, sequence, head_hash, time_micros, signature, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(cut.chain.as_str())
+            .bind(cut.sequence)
+            .bind(cut.head_hash.as_str())
+            .bind(cut.time_micros)
+            .bind(cut.signature.as_str())
+            .bind(cut.key_id.as_str())
+            .execute(&mut *conn)
+            .await?;
+            let done = sqlx::query("DELETE FROM audit_events WHERE chain = $1 AND sequence <= $2")
+                .bind(cut.chain.as_str())
+                .bind(cut.sequence)
+                .execute(&mut *conn)
+                .await?;
+            Ok(done.rows_affected())
         }
 
         fn decode_event(row: &<$db as sqlx::Database>::Row) -> Result<EventRecord> {

@@ -12,6 +12,48 @@ use super::{AuditStore, MIGRATIONS_TABLE, is_sqlite_memory, sqlite_options};
 
 super::sql::shared_sql!(sqlx::Sqlite);
 
+// Multi-row VALUES lists and IN lists: SQLite has no arrays.
+pub(super) async fn existing_ids(conn: &mut Conn, events: &[NewEvent]) -> Result<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in events.chunks(LOOKUP_CHUNK) {
+        let mut qb = QueryBuilder::<sqlx::Sqlite>::new("SELECT id FROM audit_events WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for event in chunk {
+            list.push_bind(event.id.as_str());
+        }
+        qb.push(")");
+        for row in qb.build().fetch_all(&mut *conn).await? {
+            found.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(found)
+}
+
+pub(super) async fn insert_events(conn: &mut Conn, records: &[EventRecord]) -> Result<()> {
+    let mut qb =
+        QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO audit_events ({EVENT_COLUMNS}) "));
+    qb.push_values(records, |mut row, e| {
+        row.push_bind(e.id.as_str())
+            .push_bind(e.chain.as_str())
+            .push_bind(e.sequence)
+            .push_bind(e.time_micros)
+            .push_bind(e.tenant.as_str())
+            .push_bind(e.actor_subject.as_str())
+            .push_bind(e.actor_service.as_str())
+            .push_bind(e.action.as_str())
+            .push_bind(e.resource_kind.as_str())
+            .push_bind(e.resource_name.as_str())
+            .push_bind(e.outcome)
+            .push_bind(e.request_id.as_str())
+            .push_bind(e.trace_id.as_str())
+            .push_bind(e.details_json.as_str())
+            .push_bind(e.prev_hash.as_str())
+            .push_bind(e.hash.as_str());
+    });
+    qb.build().execute(&mut *conn).await?;
+    Ok(())
+}
+
 const HEAD_SELECT: &str = "SELECT sequence, hash FROM audit_chain_heads WHERE chain = $1";
 
 #[derive(Debug, Clone)]
@@ -64,6 +106,51 @@ impl AuditStore for SqliteAuditStore {
 
     async fn query(&self, query: &EventQuery) -> Result<Vec<EventRecord>> {
         query_events(&self.pool, query).await
+    }
+
+    async fn chain_events(&self, chain: &str, after: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        chain_events(&self.pool, chain, after, limit).await
+    }
+
+    async fn chain_head(&self, chain: &str) -> Result<Option<(i64, String)>> {
+        chain_head(&self.pool, chain).await
+    }
+
+    async fn insert_checkpoint(&self, checkpoint: &CheckpointRecord) -> Result<bool> {
+        insert_checkpoint(&self.pool, checkpoint).await
+    }
+
+    async fn checkpoints(
+        &self,
+        chain: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<CheckpointRecord>> {
+        list_checkpoints(&self.pool, chain, after, limit).await
+    }
+
+    async fn last_checkpoint_sequence(&self, chain: &str) -> Result<i64> {
+        last_checkpoint_sequence(&self.pool, chain).await
+    }
+
+    async fn checkpoint_before(
+        &self,
+        chain: &str,
+        time_micros: i64,
+    ) -> Result<Option<CheckpointRecord>> {
+        checkpoint_before(&self.pool, chain, time_micros).await
+    }
+
+    async fn last_cut(&self, chain: &str) -> Result<Option<CheckpointRecord>> {
+        last_cut(&self.pool, chain).await
+    }
+
+    async fn retention_cut(&self, cut: &CheckpointRecord) -> Result<u64> {
+        let _writer = self.writer.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let removed = retention_cut_in_tx(&mut tx, cut).await?;
+        tx.commit().await?;
+        Ok(removed)
     }
 
     async fn close(&self) {

@@ -5,11 +5,16 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
-use super::{ConfigStore, ListPage, ListPlan, ListQuery, RawEntry, check_expected};
+use super::{
+    ApplyOp, ApplyOutcome, Change, ChangeBatch, ChangeStream, ConfigStore, ListPage, ListPlan,
+    ListQuery, RawEntry, check_apply, check_expected,
+};
 use crate::document::{DocKey, DocValue, StoredDoc};
 use crate::error::{ConfigServiceError, Result};
 
@@ -18,7 +23,12 @@ use crate::error::{ConfigServiceError, Result};
 pub struct EmbeddedStore {
     pool: SqlitePool,
     prefix: String,
+    /// The latest committed revision, for watchers to wake on.
+    latest: Arc<tokio::sync::watch::Sender<i64>>,
 }
+
+/// Most revisions one watch batch covers.
+const WATCH_BATCH_REVISIONS: i64 = 256;
 
 type Row = (String, Vec<u8>, i64, i64);
 
@@ -44,11 +54,27 @@ impl EmbeddedStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        tracing::info!(prefix, "embedded config store open");
+        let revision: i64 = sqlx::query_scalar("SELECT revision FROM revision WHERE id = 1")
+            .fetch_one(&pool)
+            .await?;
+        tracing::info!(prefix, revision, "embedded config store open");
         Ok(Self {
             pool,
             prefix: prefix.to_owned(),
+            latest: Arc::new(tokio::sync::watch::channel(revision).0),
         })
+    }
+
+    /// Tells watchers about a committed revision.
+    fn committed(&self, revision: i64) {
+        self.latest.send_if_modified(|cur| {
+            if revision > *cur {
+                *cur = revision;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     async fn get_impl(&self, key: &DocKey) -> Result<Option<StoredDoc>> {
@@ -133,7 +159,16 @@ impl EmbeddedStore {
         .bind(revision)
         .execute(&mut *tx)
         .await?;
+        log_change(
+            &mut tx,
+            revision,
+            &path,
+            Some(value.to_bytes()),
+            create_revision,
+        )
+        .await?;
         tx.commit().await?;
+        self.committed(revision);
         Ok(StoredDoc {
             key: key.clone(),
             value: value.clone(),
@@ -146,11 +181,12 @@ impl EmbeddedStore {
         check_expected(expected, true)?;
         let path = key.path(&self.prefix);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT mod_revision FROM kv WHERE key = $1")
-            .bind(&path)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(current) = current else {
+        let current: Option<(i64, i64)> =
+            sqlx::query_as("SELECT mod_revision, create_revision FROM kv WHERE key = $1")
+                .bind(&path)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((current, created)) = current else {
             return Err(ConfigServiceError::NotFound(key.to_string()));
         };
         if let Some(n) = expected
@@ -163,8 +199,164 @@ impl EmbeddedStore {
             .bind(&path)
             .execute(&mut *tx)
             .await?;
+        log_change(&mut tx, revision, &path, None, created).await?;
         tx.commit().await?;
+        self.committed(revision);
         Ok(revision)
+    }
+
+    async fn history_impl(
+        &self,
+        key: &DocKey,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredDoc>> {
+        let path = key.path(&self.prefix);
+        let before = if before <= 0 { i64::MAX } else { before };
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT revision, value FROM changes \
+             WHERE key = $1 AND value IS NOT NULL AND revision < $2 \
+             ORDER BY revision DESC LIMIT $3",
+        )
+        .bind(&path)
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(revision, value)| {
+                // History entries carry no create version (the etcd store cannot
+                // know it once the document was deleted and created again).
+                RawEntry {
+                    key: path.clone(),
+                    value,
+                    create_revision: 0,
+                    mod_revision: revision,
+                }
+                .decode(key.clone())
+            })
+            .collect()
+    }
+
+    async fn apply_impl(&self, ops: &[ApplyOp]) -> Result<ApplyOutcome> {
+        check_apply(ops)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Every condition first: nothing is written unless all hold.
+        let mut created = Vec::with_capacity(ops.len());
+        for op in ops {
+            let key = op.key();
+            let current: Option<(i64, i64)> =
+                sqlx::query_as("SELECT create_revision, mod_revision FROM kv WHERE key = $1")
+                    .bind(key.path(&self.prefix))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match op {
+                ApplyOp::Put {
+                    expected_version, ..
+                } => match (*expected_version, current) {
+                    (Some(0), Some((_, cur))) => {
+                        return Err(ConfigServiceError::conflict(key, 0, Some(cur)));
+                    }
+                    (Some(n), cur) if n != 0 && cur.map(|c| c.1) != Some(n) => {
+                        return Err(ConfigServiceError::conflict(key, n, cur.map(|c| c.1)));
+                    }
+                    _ => {}
+                },
+                ApplyOp::Delete {
+                    expected_version, ..
+                } => match (current, *expected_version) {
+                    (None, _) => return Err(ConfigServiceError::NotFound(key.to_string())),
+                    (Some((_, cur)), Some(n)) if n != cur => {
+                        return Err(ConfigServiceError::conflict(key, n, Some(cur)));
+                    }
+                    _ => {}
+                },
+            }
+            created.push(current.map(|c| c.0));
+        }
+        let revision = bump(&mut tx).await?;
+        let mut documents = Vec::new();
+        for (op, created) in ops.iter().zip(created) {
+            let path = op.key().path(&self.prefix);
+            match op {
+                ApplyOp::Put { key, value, .. } => {
+                    let create_revision = created.unwrap_or(revision);
+                    sqlx::query(
+                        "INSERT INTO kv (key, value, create_revision, mod_revision) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision",
+                    )
+                    .bind(&path)
+                    .bind(value.to_bytes())
+                    .bind(create_revision)
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await?;
+                    log_change(
+                        &mut tx,
+                        revision,
+                        &path,
+                        Some(value.to_bytes()),
+                        create_revision,
+                    )
+                    .await?;
+                    documents.push(StoredDoc {
+                        key: key.clone(),
+                        value: value.clone(),
+                        version: revision,
+                        create_version: create_revision,
+                    });
+                }
+                ApplyOp::Delete { .. } => {
+                    sqlx::query("DELETE FROM kv WHERE key = $1")
+                        .bind(&path)
+                        .execute(&mut *tx)
+                        .await?;
+                    log_change(&mut tx, revision, &path, None, created.unwrap_or(revision)).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        self.committed(revision);
+        Ok(ApplyOutcome {
+            revision,
+            documents,
+        })
+    }
+
+    async fn watch_impl(&self, after: i64) -> Result<ChangeStream> {
+        let log_start: i64 =
+            sqlx::query_scalar("SELECT revision FROM change_log_start WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        if after < log_start {
+            return Err(ConfigServiceError::Compacted {
+                requested: after,
+                compacted: log_start,
+            });
+        }
+        let state = WatchState {
+            pool: self.pool.clone(),
+            prefix: self.prefix.clone(),
+            latest: self.latest.subscribe(),
+            after,
+            failed: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |mut st| async move {
+                if st.failed {
+                    return None;
+                }
+                match st.next_batch().await {
+                    Ok(Some(batch)) => Some((Ok(batch), st)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        st.failed = true;
+                        Some((Err(e), st))
+                    }
+                }
+            },
+        )))
     }
 
     async fn current_revision_impl(&self) -> Result<i64> {
@@ -174,6 +366,82 @@ impl EmbeddedStore {
                 .await?,
         )
     }
+}
+
+/// A watcher's position in the change log.
+struct WatchState {
+    pool: SqlitePool,
+    prefix: String,
+    latest: tokio::sync::watch::Receiver<i64>,
+    after: i64,
+    failed: bool,
+}
+
+impl WatchState {
+    /// The next non-empty batch of changes; `None` when the store is closed.
+    async fn next_batch(&mut self) -> Result<Option<ChangeBatch>> {
+        loop {
+            let latest = *self.latest.borrow_and_update();
+            if latest <= self.after {
+                if self.latest.changed().await.is_err() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let upto = latest.min(self.after + WATCH_BATCH_REVISIONS);
+            let rows: Vec<(i64, String, Option<Vec<u8>>, i64)> = sqlx::query_as(
+                "SELECT revision, key, value, create_revision FROM changes \
+                 WHERE revision > $1 AND revision <= $2 ORDER BY revision, key",
+            )
+            .bind(self.after)
+            .bind(upto)
+            .fetch_all(&self.pool)
+            .await?;
+            self.after = upto;
+            let mut changes = Vec::with_capacity(rows.len());
+            for (revision, path, value, create_revision) in rows {
+                let Some(key) = crate::document::DocKey::from_path(&self.prefix, &path) else {
+                    continue;
+                };
+                match value {
+                    None => changes.push(Change::Delete(key)),
+                    Some(value) => {
+                        let entry = RawEntry {
+                            key: path,
+                            value,
+                            create_revision,
+                            mod_revision: revision,
+                        };
+                        changes.push(Change::Put(entry.decode(key)?));
+                    }
+                }
+            }
+            return Ok(Some(ChangeBatch {
+                revision: upto,
+                changes,
+            }));
+        }
+    }
+}
+
+/// Appends one change to the change log inside `tx`.
+async fn log_change(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    revision: i64,
+    path: &str,
+    value: Option<Vec<u8>>,
+    create_revision: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO changes (revision, key, value, create_revision) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(revision)
+    .bind(path)
+    .bind(value)
+    .bind(create_revision)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Increments the global revision inside `tx` and returns the new value.
@@ -230,5 +498,22 @@ impl ConfigStore for EmbeddedStore {
 
     fn current_revision(&self) -> BoxFuture<'_, Result<i64>> {
         Box::pin(self.current_revision_impl())
+    }
+
+    fn watch(&self, after_revision: i64) -> BoxFuture<'_, Result<ChangeStream>> {
+        Box::pin(self.watch_impl(after_revision))
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a DocKey,
+        before: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredDoc>>> {
+        Box::pin(self.history_impl(key, before, limit))
+    }
+
+    fn apply<'a>(&'a self, ops: &'a [ApplyOp]) -> BoxFuture<'a, Result<ApplyOutcome>> {
+        Box::pin(self.apply_impl(ops))
     }
 }

@@ -6,12 +6,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KvClient, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    WatchClient, WatchOptions, WatchStream,
 };
 use futures::future::BoxFuture;
 
-use super::{ConfigStore, ListPage, ListPlan, ListQuery, RawEntry, check_expected};
+use super::{
+    ApplyOp, ApplyOutcome, Change, ChangeBatch, ChangeStream, ConfigStore, ListPage, ListPlan,
+    ListQuery, RawEntry, check_apply, check_expected,
+};
 use crate::document::{DocKey, DocValue, StoredDoc};
 use crate::error::{ConfigServiceError, Result};
 use crate::settings::EtcdConfig;
@@ -23,6 +27,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone)]
 pub struct EtcdStore {
     kv: KvClient,
+    watch: WatchClient,
     prefix: String,
     timeout: Duration,
     endpoints: String,
@@ -93,6 +98,9 @@ impl EtcdStore {
         Ok(Self {
             kv: client
                 .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            watch: client
+                .watch_client()
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
@@ -184,15 +192,16 @@ impl EtcdStore {
             value.to_bytes(),
             Some(PutOptions::new().with_prev_key()),
         );
+        let put = vec![put, self.history_put(key, value)];
         let txn = match expected {
-            None => Txn::new().and_then(vec![put]),
+            None => Txn::new().and_then(put),
             Some(0) => Txn::new()
                 .when(vec![Compare::create_revision(
                     path.clone(),
                     CompareOp::Equal,
                     0,
                 )])
-                .and_then(vec![put])
+                .and_then(put)
                 .or_else(vec![TxnOp::get(path, None)]),
             Some(n) => Txn::new()
                 .when(vec![Compare::mod_revision(
@@ -200,7 +209,7 @@ impl EtcdStore {
                     CompareOp::Equal,
                     n,
                 )])
-                .and_then(vec![put])
+                .and_then(put)
                 .or_else(vec![TxnOp::get(path, None)]),
         };
         let resp = self.kv.clone().txn(txn).await.map_err(|e| self.error(e))?;
@@ -260,6 +269,288 @@ impl EtcdStore {
             .await
             .map_err(|e| self.error(e))?;
         Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+}
+
+impl EtcdStore {
+    /// Where the versions of `key` are kept: outside the document range (so watches
+    /// and listings never see them) and never compacted away, since each version is a
+    /// live key. Every entry is written in the same transaction as the version it
+    /// keeps, so its mod revision is that version.
+    fn history_prefix(&self, key: &DocKey) -> String {
+        format!(
+            "{}-history/{}/{}/{}/",
+            self.prefix, key.owner, key.kind, key.name
+        )
+    }
+
+    fn history_put(&self, key: &DocKey, value: &DocValue) -> TxnOp {
+        TxnOp::put(
+            format!(
+                "{}{}",
+                self.history_prefix(key),
+                uuid::Uuid::new_v4().simple()
+            ),
+            value.to_bytes(),
+            None,
+        )
+    }
+
+    async fn history_impl(
+        &self,
+        key: &DocKey,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredDoc>> {
+        let mut options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Mod, SortOrder::Descend)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        if before > 0 {
+            options = options.with_max_mod_revision(before - 1);
+        }
+        let mut resp = self
+            .kv
+            .clone()
+            .get(self.history_prefix(key), Some(options))
+            .await
+            .map_err(|e| self.error(e))?;
+        resp.take_kvs()
+            .into_iter()
+            .map(|kv| {
+                let mut entry = raw(kv);
+                // See the embedded store: history entries carry no create version.
+                entry.create_revision = 0;
+                entry.decode(key.clone())
+            })
+            .collect()
+    }
+
+    async fn apply_impl(&self, ops: &[ApplyOp]) -> Result<ApplyOutcome> {
+        check_apply(ops)?;
+        let mut compares = Vec::with_capacity(ops.len());
+        let mut writes = Vec::with_capacity(ops.len() * 2);
+        let mut reads = Vec::with_capacity(ops.len());
+        for op in ops {
+            let path = op.key().path(&self.prefix);
+            reads.push(TxnOp::get(path.clone(), None));
+            match op {
+                ApplyOp::Put {
+                    key,
+                    value,
+                    expected_version,
+                } => {
+                    match expected_version {
+                        None => {}
+                        Some(0) => compares.push(Compare::create_revision(
+                            path.clone(),
+                            CompareOp::Equal,
+                            0,
+                        )),
+                        Some(n) => {
+                            compares.push(Compare::mod_revision(path.clone(), CompareOp::Equal, *n))
+                        }
+                    }
+                    writes.push(TxnOp::put(
+                        path,
+                        value.to_bytes(),
+                        Some(PutOptions::new().with_prev_key()),
+                    ));
+                    writes.push(self.history_put(key, value));
+                }
+                ApplyOp::Delete {
+                    expected_version, ..
+                } => {
+                    compares.push(match expected_version {
+                        None => Compare::create_revision(path.clone(), CompareOp::Greater, 0),
+                        Some(n) => Compare::mod_revision(path.clone(), CompareOp::Equal, *n),
+                    });
+                    writes.push(TxnOp::delete(path, None));
+                }
+            }
+        }
+        let txn = Txn::new().when(compares).and_then(writes).or_else(reads);
+        let resp = self.kv.clone().txn(txn).await.map_err(|e| self.error(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let responses = resp.op_responses();
+        if !resp.succeeded() {
+            // Name the first operation whose condition failed.
+            for (op, read) in ops.iter().zip(&responses) {
+                let current = current_of(std::slice::from_ref(read));
+                match op {
+                    ApplyOp::Put {
+                        key,
+                        expected_version: Some(n),
+                        ..
+                    } => {
+                        let holds = if *n == 0 {
+                            current.is_none()
+                        } else {
+                            current == Some(*n)
+                        };
+                        if !holds {
+                            return Err(ConfigServiceError::conflict(key, *n, current));
+                        }
+                    }
+                    ApplyOp::Delete {
+                        key,
+                        expected_version,
+                    } => match (current, expected_version) {
+                        (None, _) => return Err(ConfigServiceError::NotFound(key.to_string())),
+                        (Some(cur), Some(n)) if cur != *n => {
+                            return Err(ConfigServiceError::conflict(key, *n, Some(cur)));
+                        }
+                        _ => {}
+                    },
+                    ApplyOp::Put { .. } => {}
+                }
+            }
+            return Err(ConfigServiceError::Unavailable {
+                backend: "etcd",
+                reason: "the apply transaction lost a race; retry it".to_owned(),
+            });
+        }
+        let mut created = responses.iter().filter_map(|r| match r {
+            TxnOpResponse::Put(p) => Some(p.prev_key().map(etcd_client::KeyValue::create_revision)),
+            _ => None,
+        });
+        let mut documents = Vec::new();
+        for op in ops {
+            if let ApplyOp::Put { key, value, .. } = op {
+                // The document put comes first, then its history put.
+                let prev = created.next().flatten();
+                created.next();
+                documents.push(StoredDoc {
+                    key: key.clone(),
+                    value: value.clone(),
+                    version: revision,
+                    create_version: prev.unwrap_or(revision),
+                });
+            }
+        }
+        Ok(ApplyOutcome {
+            revision,
+            documents,
+        })
+    }
+
+    async fn watch_impl(&self, after: i64) -> Result<ChangeStream> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1)
+            .with_progress_notify();
+        let mut stream = self
+            .watch
+            .clone()
+            .watch(format!("{}/", self.prefix), Some(options))
+            .await
+            .map_err(|e| self.error(e))?;
+        // The first answer says whether the watch was created or refused.
+        let first = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Err(self.watch_ended()),
+            Err(e) => return Err(self.error(e)),
+        };
+        if first.canceled() {
+            return Err(self.watch_canceled(after, &first));
+        }
+        let state = EtcdWatch {
+            stream,
+            store: self.clone(),
+            after,
+            failed: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |mut st| async move {
+                if st.failed {
+                    return None;
+                }
+                let next = st.next_batch().await;
+                if next.is_err() {
+                    st.failed = true;
+                }
+                Some((next, st))
+            },
+        )))
+    }
+
+    fn watch_ended(&self) -> ConfigServiceError {
+        ConfigServiceError::Unavailable {
+            backend: "etcd",
+            reason: format!("the watch stream ended (endpoints: {})", self.endpoints),
+        }
+    }
+
+    fn watch_canceled(&self, after: i64, resp: &etcd_client::WatchResponse) -> ConfigServiceError {
+        if resp.compact_revision() > 0 {
+            ConfigServiceError::Compacted {
+                requested: after,
+                compacted: resp.compact_revision(),
+            }
+        } else {
+            ConfigServiceError::Unavailable {
+                backend: "etcd",
+                reason: format!(
+                    "the watch was canceled: {} (endpoints: {})",
+                    resp.cancel_reason(),
+                    self.endpoints
+                ),
+            }
+        }
+    }
+}
+
+/// An open etcd watch and how far it has delivered.
+struct EtcdWatch {
+    stream: WatchStream,
+    store: EtcdStore,
+    after: i64,
+    failed: bool,
+}
+
+impl EtcdWatch {
+    async fn next_batch(&mut self) -> Result<ChangeBatch> {
+        let resp = match self.stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Err(self.store.watch_ended()),
+            Err(e) => return Err(self.store.error(e)),
+        };
+        if resp.canceled() {
+            return Err(self.store.watch_canceled(self.after, &resp));
+        }
+        let mut revision = resp.header().map_or(self.after, |h| h.revision());
+        let mut changes = Vec::with_capacity(resp.events().len());
+        let mut max_event = 0;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            max_event = max_event.max(kv.mod_revision());
+            let entry = raw(kv.clone());
+            let Some(key) = DocKey::from_path(&self.store.prefix, &entry.key) else {
+                continue;
+            };
+            match event.event_type() {
+                EventType::Delete => changes.push(Change::Delete(key)),
+                EventType::Put => {
+                    let path = entry.key.clone();
+                    match entry.decode(key) {
+                        Ok(doc) => changes.push(Change::Put(doc)),
+                        Err(e) => {
+                            tracing::error!(key = %path, error = %e, "skipping a corrupt config document in a watch");
+                        }
+                    }
+                }
+            }
+        }
+        if max_event > 0 {
+            // Events of one response all belong to revisions up to the newest one.
+            revision = max_event;
+        }
+        self.after = self.after.max(revision);
+        Ok(ChangeBatch {
+            revision: self.after,
+            changes,
+        })
     }
 }
 
@@ -342,5 +633,22 @@ impl ConfigStore for EtcdStore {
 
     fn current_revision(&self) -> BoxFuture<'_, Result<i64>> {
         Box::pin(self.timed(self.current_revision_impl()))
+    }
+
+    fn watch(&self, after_revision: i64) -> BoxFuture<'_, Result<ChangeStream>> {
+        Box::pin(self.timed(self.watch_impl(after_revision)))
+    }
+
+    fn history<'a>(
+        &'a self,
+        key: &'a DocKey,
+        before: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredDoc>>> {
+        Box::pin(self.timed(self.history_impl(key, before, limit)))
+    }
+
+    fn apply<'a>(&'a self, ops: &'a [ApplyOp]) -> BoxFuture<'a, Result<ApplyOutcome>> {
+        Box::pin(self.timed(self.apply_impl(ops)))
     }
 }

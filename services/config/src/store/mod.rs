@@ -9,6 +9,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 
 use crate::document::{DocKey, DocKind, DocValue, Owner, StoredDoc};
 use crate::error::{ConfigServiceError, Result};
@@ -94,7 +95,124 @@ pub trait ConfigStore: Send + Sync + 'static {
 
     /// The store's current revision.
     fn current_revision(&self) -> BoxFuture<'_, Result<i64>>;
+
+    /// Every change after `after_revision`, in revision order, then every later
+    /// change as it happens. The stream ends with an error when the store goes away
+    /// ([`ConfigServiceError::Unavailable`]) or when changes after `after_revision` are
+    /// no longer kept ([`ConfigServiceError::Compacted`]: take a new snapshot).
+    /// Batches with no changes report progress: everything up to their revision has
+    /// been delivered.
+    fn watch(&self, after_revision: i64) -> BoxFuture<'_, Result<ChangeStream>>;
+
+    /// Earlier and current versions of one document, newest first, kept apart from
+    /// the store's own revision history so that they survive etcd compaction.
+    /// `before`: only versions older than this one (the previous page's last
+    /// version); 0 for the first page.
+    fn history<'a>(
+        &'a self,
+        key: &'a DocKey,
+        before: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredDoc>>>;
+
+    /// Several puts and deletes in one transaction: every condition holds and all
+    /// are written at one revision, or nothing is written. Keys must be distinct.
+    fn apply<'a>(&'a self, ops: &'a [ApplyOp]) -> BoxFuture<'a, Result<ApplyOutcome>>;
 }
+
+/// One operation of [`ConfigStore::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApplyOp {
+    Put {
+        key: DocKey,
+        value: DocValue,
+        expected_version: Option<i64>,
+    },
+    Delete {
+        key: DocKey,
+        expected_version: Option<i64>,
+    },
+}
+
+impl ApplyOp {
+    pub fn key(&self) -> &DocKey {
+        match self {
+            ApplyOp::Put { key, .. } | ApplyOp::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// What a successful [`ConfigStore::apply`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyOutcome {
+    pub revision: i64,
+    /// The documents written by the puts, in operation order.
+    pub documents: Vec<StoredDoc>,
+}
+
+/// Most operations in one apply (etcd's default transaction limit is 128 operations,
+/// and every put also writes a history entry).
+pub const MAX_APPLY_OPS: usize = 60;
+
+/// Checks an apply request before any store sees it.
+pub(crate) fn check_apply(ops: &[ApplyOp]) -> Result<()> {
+    if ops.is_empty() {
+        return Err(ConfigServiceError::InvalidArgument(
+            "apply needs at least one operation".to_owned(),
+        ));
+    }
+    if ops.len() > MAX_APPLY_OPS {
+        return Err(ConfigServiceError::InvalidArgument(format!(
+            "apply takes at most {MAX_APPLY_OPS} operations (got {}); split the change",
+            ops.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        if !seen.insert(op.key()) {
+            return Err(ConfigServiceError::InvalidArgument(format!(
+                "operations[{i}]: {} appears more than once; an apply changes each document at most once",
+                op.key()
+            )));
+        }
+        match op {
+            ApplyOp::Put {
+                expected_version, ..
+            } => check_expected(*expected_version, false)?,
+            ApplyOp::Delete {
+                expected_version, ..
+            } => check_expected(*expected_version, true)?,
+        }
+    }
+    Ok(())
+}
+
+/// One change to one document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Put(StoredDoc),
+    /// The document was deleted at the batch's revision.
+    Delete(DocKey),
+}
+
+impl Change {
+    pub fn key(&self) -> &DocKey {
+        match self {
+            Change::Put(doc) => &doc.key,
+            Change::Delete(key) => key,
+        }
+    }
+}
+
+/// Changes up to and including `revision`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeBatch {
+    pub revision: i64,
+    pub changes: Vec<Change>,
+}
+
+/// What [`ConfigStore::watch`] returns.
+pub type ChangeStream = BoxStream<'static, Result<ChangeBatch>>;
 
 /// Shared handle to a store.
 pub type SharedStore = Arc<dyn ConfigStore>;

@@ -47,6 +47,167 @@ pub(crate) async fn run_suite(store: &dyn ConfigStore) {
     list_pages_in_key_order(store).await;
     revisions_increase(store).await;
     concurrent_creates_have_one_winner(store).await;
+    watch_replays_and_follows(store).await;
+    history_keeps_every_version(store).await;
+    apply_is_all_or_nothing(store).await;
+}
+
+async fn history_keeps_every_version(store: &dyn ConfigStore) {
+    let k = key(&tenant("hist"), DocKind::Model, "m");
+    assert_eq!(store.history(&k, 0, 10).await.unwrap(), vec![]);
+    let v1 = store.put(&k, &value(1), Some(0)).await.unwrap();
+    let v2 = store.put(&k, &value(2), Some(v1.version)).await.unwrap();
+    store.delete(&k, None).await.unwrap();
+    let v3 = store.put(&k, &value(3), Some(0)).await.unwrap();
+    // Another document's versions are not mixed in.
+    store
+        .put(&key(&tenant("hist"), DocKind::Model, "m2"), &value(9), None)
+        .await
+        .unwrap();
+    let got = |docs: Vec<StoredDoc>| -> Vec<(i64, DocValue, i64)> {
+        docs.into_iter()
+            .map(|d| (d.version, d.value, d.create_version))
+            .collect()
+    };
+    assert_eq!(
+        got(store.history(&k, 0, 10).await.unwrap()),
+        vec![
+            (v3.version, value(3), 0),
+            (v2.version, value(2), 0),
+            (v1.version, value(1), 0),
+        ]
+    );
+    // Pages: newest first, continued from the last version seen.
+    assert_eq!(
+        got(store.history(&k, 0, 2).await.unwrap()),
+        vec![(v3.version, value(3), 0), (v2.version, value(2), 0)]
+    );
+    assert_eq!(
+        got(store.history(&k, v2.version, 2).await.unwrap()),
+        vec![(v1.version, value(1), 0)]
+    );
+}
+
+async fn apply_is_all_or_nothing(store: &dyn ConfigStore) {
+    let a = key(&tenant("apply"), DocKind::Model, "a");
+    let b = key(&tenant("apply"), DocKind::Model, "b");
+    let c = key(&tenant("apply"), DocKind::Provider, "c");
+    let old_c = store.put(&c, &value(1), None).await.unwrap();
+    let before = store.current_revision().await.unwrap();
+    let put = |k: &DocKey, n: i64, expected: Option<i64>| ApplyOp::Put {
+        key: k.clone(),
+        value: value(n),
+        expected_version: expected,
+    };
+    // One stale condition: nothing is written.
+    let err = store
+        .apply(&[put(&a, 1, Some(0)), put(&b, 2, Some(7))])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Conflict, "{err}");
+    assert!(err.to_string().contains("apply/model/b"), "{err}");
+    assert_eq!(store.get(&a).await.unwrap(), None);
+    assert_eq!(store.current_revision().await.unwrap(), before);
+    // Deleting a missing document fails the whole apply too.
+    let err = store
+        .apply(&[
+            put(&a, 1, None),
+            ApplyOp::Delete {
+                key: b.clone(),
+                expected_version: None,
+            },
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::NotFound, "{err}");
+    assert_eq!(store.get(&a).await.unwrap(), None);
+    // Everything holds: one revision for all.
+    let done = store
+        .apply(&[
+            put(&a, 1, Some(0)),
+            put(&b, 2, None),
+            ApplyOp::Delete {
+                key: c.clone(),
+                expected_version: Some(old_c.version),
+            },
+        ])
+        .await
+        .unwrap();
+    assert!(done.revision > before);
+    assert_eq!(
+        done.documents
+            .iter()
+            .map(|d| (d.key.clone(), d.version, d.create_version))
+            .collect::<Vec<_>>(),
+        vec![
+            (a.clone(), done.revision, done.revision),
+            (b.clone(), done.revision, done.revision)
+        ]
+    );
+    assert_eq!(store.get(&a).await.unwrap().unwrap().version, done.revision);
+    assert_eq!(store.get(&c).await.unwrap(), None);
+    assert_eq!(store.current_revision().await.unwrap(), done.revision);
+    // Requests that no store should see.
+    for bad in [
+        vec![],
+        vec![put(&a, 1, None), put(&a, 2, None)],
+        vec![put(&a, 1, Some(-1))],
+    ] {
+        let err = store.apply(&bad).await.unwrap_err();
+        assert_eq!(err.class(), ErrorClass::InvalidArgument, "{err}");
+    }
+    // An updated document keeps its create version.
+    let again = store
+        .apply(&[put(&a, 3, Some(done.revision))])
+        .await
+        .unwrap();
+    assert_eq!(again.documents[0].create_version, done.revision);
+}
+
+/// Collects the changes to `key` from `stream` until one at `until` or later arrives.
+async fn changes_of(stream: &mut ChangeStream, key: &DocKey, until: i64) -> Vec<Change> {
+    use futures::StreamExt;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, stream.next())
+            .await
+            .expect("the watch delivers within 10s")
+            .expect("the watch stays open")
+            .expect("the watch has no error");
+        for c in batch.changes {
+            if c.key() == key {
+                seen.push(c);
+            }
+        }
+        if batch.revision >= until {
+            return seen;
+        }
+    }
+}
+
+async fn watch_replays_and_follows(store: &dyn ConfigStore) {
+    let k = key(&tenant("watcher"), DocKind::Flag, "w1");
+    let start = store.current_revision().await.unwrap();
+    let a = store.put(&k, &value(1), None).await.unwrap();
+    // Opened after the first write: it is replayed.
+    let mut from_start = store.watch(start).await.unwrap();
+    let b = store.put(&k, &value(2), None).await.unwrap();
+    let deleted = store.delete(&k, None).await.unwrap();
+    let seen = changes_of(&mut from_start, &k, deleted).await;
+    assert_eq!(
+        seen,
+        vec![
+            Change::Put(a.clone()),
+            Change::Put(b.clone()),
+            Change::Delete(k.clone()),
+        ]
+    );
+    // Resuming from a revision sends only what came after it.
+    let mut resumed = store.watch(a.version).await.unwrap();
+    let seen = changes_of(&mut resumed, &k, deleted).await;
+    assert_eq!(seen, vec![Change::Put(b), Change::Delete(k.clone())]);
 }
 
 async fn get_missing_is_none(store: &dyn ConfigStore) {
@@ -372,6 +533,51 @@ async fn etcd_store_passes_the_suite() {
     let mut config = EtcdConfig::new(vec![etcd.endpoint()]);
     config.prefix = etcd.unique_prefix();
     run_suite(&EtcdStore::connect(&config).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn etcd_compaction_keeps_history_and_a_watch_from_before_it_asks_for_a_snapshot() {
+    // Compaction is cluster-wide: keep it away from the tests sharing the common etcd.
+    let etcd = crewmesh_testkit::Etcd::dedicated();
+    let mut config = EtcdConfig::new(vec![etcd.endpoint()]);
+    config.prefix = etcd.unique_prefix();
+    let store = EtcdStore::connect(&config).await.unwrap();
+    let k = key(&Owner::Global, DocKind::Flag, "compacted");
+    let first = store.put(&k, &value(1), None).await.unwrap();
+    let second = store.put(&k, &value(2), None).await.unwrap();
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    client.compact(second.version, None).await.unwrap();
+    // The kept versions are live keys: compaction leaves them alone.
+    let versions: Vec<i64> = store
+        .history(&k, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.version)
+        .collect();
+    assert_eq!(versions, vec![second.version, first.version]);
+    // etcd refuses either at once or as the first message of the watch.
+    let err = match store.watch(first.version - 1).await {
+        Ok(mut stream) => {
+            use futures::StreamExt;
+            match stream.next().await {
+                Some(Err(e)) => e,
+                other => panic!("a watch from a compacted revision delivered {other:?}"),
+            }
+        }
+        Err(e) => e,
+    };
+    assert_eq!(err.class(), ErrorClass::FailedPrecondition, "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "changes after revision {} are no longer kept (compacted up to revision {}): watch again with start_revision 0 to take a fresh snapshot",
+            first.version - 1,
+            second.version
+        )
+    );
 }
 
 #[tokio::test]

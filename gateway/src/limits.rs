@@ -1,0 +1,540 @@
+//! Tenant and key limits on model calls: requests per minute and tokens per minute,
+//! and monthly budgets.
+//!
+//! Rates are token buckets per tenant and per key. Each gateway replica admits only
+//! its share, `ceil(limit / N)` per minute, where N is the number of live gateway
+//! replicas ([`crate::replicas`]): the sum over the replicas stays at the configured
+//! limit instead of multiplying with them. Requests are counted when admitted; tokens
+//! are debited after the call from its actual usage, so a tenant over its token rate
+//! goes into debt and is refused until the debt is refilled. A refusal is a `429`
+//! problem with `Retry-After`.
+//!
+//! Budgets compare the tenant's (and key's) spend this calendar month (UTC), from the
+//! metrics service, cached for a few seconds, with `budget_usd_month`; once reached,
+//! model calls get a `402` problem of type `budget-exhausted`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use crewmesh_kit::clients::with_principal;
+use crewmesh_kit::config_cache::{ConfigCache, Snapshot};
+use crewmesh_kit::principal::Principal;
+use crewmesh_proto::config::v1::Kind;
+use crewmesh_proto::metrics::v1::{GroupBy, SpendRequest, UsageFilter};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::problem::Problem;
+
+/// The limits of a tenant, from the `_global` `tenant` document named after it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct TenantPolicy {
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub budget_usd_month: Option<f64>,
+}
+
+/// Tenant policies by tenant id, from the `_global` `tenant` documents of a snapshot.
+/// Documents that do not parse are skipped and logged.
+pub fn tenant_policies(snapshot: &Snapshot) -> HashMap<String, TenantPolicy> {
+    snapshot
+        .of_kind(Kind::Tenant)
+        .filter(|d| d.tenant == "_global")
+        .filter_map(|d| match serde_json::from_str::<TenantPolicy>(&d.spec_json) {
+            Ok(p) => Some((d.name.clone(), p)),
+            Err(e) => {
+                tracing::warn!(tenant = %d.name, error = %e, "ignoring an unusable tenant document");
+                None
+            }
+        })
+        .collect()
+}
+
+/// What a request is limited by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Subject<'a> {
+    pub tenant: &'a str,
+    /// The key id (or token subject) within the tenant.
+    pub key: &'a str,
+    pub tenant_policy: Option<&'a TenantPolicy>,
+    pub key_rpm: Option<u64>,
+    pub key_tpm: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    cap: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, cap: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * cap / 60.0).min(cap);
+        self.cap = cap;
+        self.updated = now;
+    }
+
+    /// Time until the balance reaches `need`.
+    fn wait_for(&self, need: f64) -> Duration {
+        let rate = self.cap / 60.0;
+        Duration::from_secs_f64(((need - self.tokens) / rate).max(0.0))
+    }
+}
+
+/// Why a call is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub detail: String,
+    pub retry_after: Duration,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let secs = self.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("{}; retry in {secs}s", self.detail),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        resp
+    }
+}
+
+/// The rate limiter of one gateway replica.
+#[derive(Debug)]
+pub struct Limiter {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Live gateway replicas (at least 1).
+    replicas: Arc<AtomicU64>,
+}
+
+impl Limiter {
+    pub fn new(replicas: Arc<AtomicU64>) -> Self {
+        Self {
+            buckets: Mutex::new(HashMap::new()),
+            replicas,
+        }
+    }
+
+    /// This replica's share of a per-minute limit.
+    pub fn share(&self, limit: u64) -> f64 {
+        let n = self.replicas.load(Ordering::Relaxed).max(1);
+        limit.div_ceil(n).max(1) as f64
+    }
+
+    fn limits(s: &Subject<'_>) -> [(String, Option<u64>, &'static str); 4] {
+        let tp = s.tenant_policy;
+        [
+            (
+                format!("t/{}/rpm", s.tenant),
+                tp.and_then(|p| p.rpm),
+                "tenant requests per minute",
+            ),
+            (
+                format!("k/{}/{}/rpm", s.tenant, s.key),
+                s.key_rpm,
+                "key requests per minute",
+            ),
+            (
+                format!("t/{}/tpm", s.tenant),
+                tp.and_then(|p| p.tpm),
+                "tenant tokens per minute",
+            ),
+            (
+                format!("k/{}/{}/tpm", s.tenant, s.key),
+                s.key_tpm,
+                "key tokens per minute",
+            ),
+        ]
+    }
+
+    /// Admits one request at `now`, or says how long to wait. A refused request takes
+    /// nothing from any bucket.
+    pub fn admit(&self, s: &Subject<'_>, now: Instant) -> Result<(), Refusal> {
+        let tp = s.tenant_policy;
+        if tp.is_none_or(|p| p.rpm.is_none() && p.tpm.is_none())
+            && s.key_rpm.is_none()
+            && s.key_tpm.is_none()
+        {
+            return Ok(()); // nothing to count
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let limits = Self::limits(s);
+        let mut worst: Option<Refusal> = None;
+        for (i, (name, limit, what)) in limits.iter().enumerate() {
+            let Some(limit) = *limit else { continue };
+            let cap = self.share(limit);
+            let b = buckets.entry(name.clone()).or_insert(Bucket {
+                tokens: cap,
+                cap,
+                updated: now,
+            });
+            b.refill(cap, now);
+            // Requests need a whole token; tokens-per-minute only a non-negative balance.
+            let need = if i < 2 { 1.0 } else { f64::MIN_POSITIVE };
+            if b.tokens < need {
+                let wait = b.wait_for(need);
+                if worst.as_ref().is_none_or(|w| wait > w.retry_after) {
+                    worst = Some(Refusal {
+                        detail: format!(
+                            "the {what} limit of {limit} is reached (this gateway's share: {cap})"
+                        ),
+                        retry_after: wait,
+                    });
+                }
+            }
+        }
+        if let Some(r) = worst {
+            return Err(r);
+        }
+        for (name, limit, _) in &limits[..2] {
+            if limit.is_some()
+                && let Some(b) = buckets.get_mut(name)
+            {
+                b.tokens -= 1.0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Debits the tokens a call used from the tenant's and key's token buckets.
+    pub fn debit_tokens(&self, tenant: &str, key: &str, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        for name in [format!("t/{tenant}/tpm"), format!("k/{tenant}/{key}/tpm")] {
+            if let Some(b) = buckets.get_mut(&name) {
+                b.tokens -= tokens as f64;
+            }
+        }
+    }
+}
+
+/// Month-to-date spend per tenant or key, fetched from metrics and kept for `ttl`.
+#[derive(Debug)]
+pub struct SpendCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, f64)>>,
+}
+
+impl SpendCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, key: &str, now: Instant) -> Option<f64> {
+        let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.get(key)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < self.ttl)
+            .map(|(_, v)| *v)
+    }
+
+    pub fn put(&self, key: &str, spend: f64, now: Instant) {
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.insert(key.to_owned(), (now, spend));
+    }
+}
+
+/// The first instant of the current calendar month, UTC.
+pub fn month_start(now: time::OffsetDateTime) -> time::OffsetDateTime {
+    now.replace_day(1)
+        .unwrap_or(now)
+        .replace_time(time::Time::MIDNIGHT)
+}
+
+/// The problem of an exhausted budget.
+pub fn budget_exhausted(whose: &str, spend: f64, budget: f64) -> Problem {
+    Problem::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "budget-exhausted",
+        "Budget exhausted",
+        format!(
+            "the monthly budget of {whose} (${budget:.2}) is used up: ${spend:.4} spent this month"
+        ),
+    )
+}
+
+/// Keeps `target` in step with the tenant documents of `cache`.
+pub fn follow_policies(cache: &ConfigCache, target: Arc<ArcSwap<HashMap<String, TenantPolicy>>>) {
+    let mut rx = cache.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            target.store(Arc::new(tenant_policies(&snap)));
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Month-to-date spend of the principal's tenant, from the cache or from metrics.
+async fn tenant_spend(state: &AppState, principal: &Principal) -> Result<f64, tonic::Status> {
+    let tenant = principal.tenant.as_str();
+    if let Some(s) = state.spend.get(tenant, Instant::now()) {
+        return Ok(s);
+    }
+    let from = month_start(time::OffsetDateTime::now_utc());
+    let filter = UsageFilter {
+        from: Some(crewmesh_proto::prost_types::Timestamp {
+            seconds: from.unix_timestamp(),
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let mut call = with_principal(
+        SpendRequest {
+            filter: Some(filter),
+            group_by: GroupBy::Unspecified as i32,
+        },
+        principal,
+    );
+    call.set_timeout(Duration::from_secs(2));
+    let spend = state
+        .metrics
+        .clone()
+        .spend(call)
+        .await?
+        .into_inner()
+        .total_cost_usd;
+    state.spend.put(tenant, spend, Instant::now());
+    Ok(spend)
+}
+
+/// Admits a model call under the tenant's and key's rates and the tenant's budget,
+/// or answers the refusal. `key_limits` are the key's (rpm, tpm).
+pub async fn check(
+    state: &AppState,
+    principal: &Principal,
+    key_limits: (Option<u64>, Option<u64>),
+) -> Result<(), Response> {
+    let policies = state.tenant_policies.load();
+    let policy = policies.get(principal.tenant.as_str());
+    let subject = Subject {
+        tenant: principal.tenant.as_str(),
+        key: &principal.subject,
+        tenant_policy: policy,
+        key_rpm: key_limits.0,
+        key_tpm: key_limits.1,
+    };
+    state
+        .limiter
+        .admit(&subject, Instant::now())
+        .map_err(IntoResponse::into_response)?;
+    if let Some(budget) = policy.and_then(|p| p.budget_usd_month) {
+        match tenant_spend(state, principal).await {
+            Ok(spend) if spend >= budget => {
+                return Err(budget_exhausted(
+                    &format!("tenant `{}`", principal.tenant),
+                    spend,
+                    budget,
+                )
+                .into_response());
+            }
+            Ok(_) => {}
+            // Availability over strictness: an unreachable metrics service does not
+            // stop model calls; the next check asks again.
+            Err(status) => tracing::warn!(
+                code = ?status.code(),
+                tenant = %principal.tenant,
+                "cannot read the tenant's spend; admitting without the budget check"
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(replicas: u64) -> (Limiter, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(replicas));
+        (Limiter::new(n.clone()), n)
+    }
+
+    fn subject<'a>(p: &'a TenantPolicy, key_rpm: Option<u64>) -> Subject<'a> {
+        Subject {
+            tenant: "acme",
+            key: "k1",
+            tenant_policy: Some(p),
+            key_rpm,
+            key_tpm: None,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_refill_over_time() {
+        let (l, _) = limiter(1);
+        let p = TenantPolicy {
+            rpm: Some(3),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.admit(&subject(&p, None), t0).unwrap();
+        }
+        let r = l.admit(&subject(&p, None), t0).unwrap_err();
+        assert_eq!(
+            r.detail,
+            "the tenant requests per minute limit of 3 is reached (this gateway's share: 3)"
+        );
+        assert_eq!(r.retry_after, Duration::from_secs(20));
+        assert!(
+            l.admit(&subject(&p, None), t0 + Duration::from_secs(19))
+                .is_err()
+        );
+        l.admit(&subject(&p, None), t0 + Duration::from_secs(20))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_key_limit_applies_below_the_tenant_limit_and_refusals_take_nothing() {
+        let (l, _) = limiter(1);
+        let p = TenantPolicy {
+            rpm: Some(100),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        l.admit(&subject(&p, Some(1)), t0).unwrap();
+        let r = l.admit(&subject(&p, Some(1)), t0).unwrap_err();
+        assert!(
+            r.detail
+                .starts_with("the key requests per minute limit of 1"),
+            "{}",
+            r.detail
+        );
+        // Another key of the tenant is not affected, and the refusal took no tenant token.
+        let other = Subject {
+            key: "k2",
+            ..subject(&p, Some(1))
+        };
+        l.admit(&other, t0).unwrap();
+        let b = l.buckets.lock().unwrap();
+        assert_eq!(b["t/acme/rpm"].tokens, 98.0);
+    }
+
+    #[test]
+    fn replicas_share_the_limit() {
+        let (l, n) = limiter(2);
+        let p = TenantPolicy {
+            rpm: Some(10),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let admitted = (0..20)
+            .filter(|_| l.admit(&subject(&p, None), t0).is_ok())
+            .count();
+        assert_eq!(admitted, 5, "half of 10 per replica with 2 replicas");
+        n.store(3, Ordering::Relaxed);
+        assert_eq!(l.share(10), 4.0);
+        n.store(0, Ordering::Relaxed);
+        assert_eq!(l.share(10), 10.0);
+    }
+
+    #[test]
+    fn tokens_are_debited_after_the_call_and_debt_refuses() {
+        let (l, _) = limiter(1);
+        let p = TenantPolicy {
+            tpm: Some(600),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        l.admit(&subject(&p, None), t0).unwrap();
+        l.debit_tokens("acme", "k1", 900);
+        let r = l.admit(&subject(&p, None), t0).unwrap_err();
+        assert!(
+            r.detail
+                .starts_with("the tenant tokens per minute limit of 600")
+        );
+        // 300 tokens of debt at 10 tokens/s.
+        assert_eq!(r.retry_after.as_secs(), 30);
+        assert!(
+            l.admit(&subject(&p, None), t0 + Duration::from_secs(29))
+                .is_err()
+        );
+        l.admit(&subject(&p, None), t0 + Duration::from_secs(31))
+            .unwrap();
+    }
+
+    #[test]
+    fn refusals_are_429_with_retry_after() {
+        let resp = Refusal {
+            detail: "x".into(),
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["retry-after"], "2");
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    }
+
+    #[test]
+    fn tenant_documents_become_policies() {
+        use crewmesh_proto::config::v1::Document;
+        let doc = |tenant: &str, name: &str, spec: &str| Document {
+            tenant: tenant.into(),
+            kind: Kind::Tenant as i32,
+            name: name.into(),
+            spec_json: spec.into(),
+            ..Default::default()
+        };
+        let docs = [
+            doc(
+                "_global",
+                "acme",
+                r#"{"rpm": 60, "tpm": 1000, "budget_usd_month": 5.5}"#,
+            ),
+            // A tenant may not set its own limits.
+            doc("globex", "globex", r#"{"rpm": 1000000}"#),
+            doc("_global", "bad", r#"{"rpm": "many"}"#),
+        ];
+        let snap = Snapshot {
+            revision: 1,
+            documents: docs
+                .into_iter()
+                .map(|d| ((d.kind, d.tenant.clone(), d.name.clone()), d))
+                .collect(),
+        };
+        let p = tenant_policies(&snap);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            p["acme"],
+            TenantPolicy {
+                rpm: Some(60),
+                tpm: Some(1000),
+                budget_usd_month: Some(5.5)
+            }
+        );
+    }
+
+    #[test]
+    fn months_start_at_midnight_on_the_first() {
+        let t = time::macros::datetime!(2026-11-21 13:05:07 UTC);
+        assert_eq!(
+            month_start(t),
+            time::macros::datetime!(2026-11-01 00:00:00 UTC)
+        );
+    }
+}

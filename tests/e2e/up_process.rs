@@ -1,0 +1,127 @@
+//! `crewmesh up` as a user runs it: a separate process, stopped with Ctrl-C (SIGINT),
+//! exporting its traces over OTLP. One request is one trace across the gateway and
+//! the router.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+
+use crate::harness::eventually;
+
+/// A minimal OTLP/gRPC trace collector that keeps (trace id, service name, span name).
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, String, String)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    let trace_id: String =
+                        span.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+                    spans.push((trace_id, service.clone(), span.name));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_exports_one_trace_per_request_and_stops_cleanly_on_ctrl_c() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let server = collector.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(server))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
+        .args(["up", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env(
+            "CREWMESH_TELEMETRY__OTLP_ENDPOINT",
+            format!("http://{otlp}"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state_path = dir.path().join("state.json");
+    let state: serde_json::Value = eventually("state.json", Duration::from_secs(30), || async {
+        let bytes = std::fs::read(&state_path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    })
+    .await;
+    let gateway = state["gateway_url"].as_str().unwrap();
+    let key = state["admin_api_key"].as_str().unwrap();
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let resp = reqwest::Client::new()
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "trace me"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Ctrl-C: drain, flush, exit 0, remove state.json.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "crewmesh up exited with {exit}");
+    assert!(
+        !state_path.exists(),
+        "state.json is removed on a clean stop"
+    );
+
+    let names: HashSet<String> = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _, _)| t == trace_id)
+        .map(|(_, _, name)| name.clone())
+        .collect();
+    // The gateway's HTTP span and the router's RPC span belong to the client's trace.
+    assert!(names.contains("http"), "{names:?}");
+    assert!(names.contains("rpc"), "{names:?}");
+}
