@@ -137,6 +137,7 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
         grpc_addr: None,
         admin_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
         shutdown_grace_secs: 20,
+        state_dir: None,
     });
     if server.grpc_addr.is_none()
         && let Some(port) = service.default_grpc_port()

@@ -200,7 +200,11 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     };
     let common = |svc: Service, peers: PeersConfig| CommonConfig {
         trust_domain: td.clone(),
-        server: ServerConfig::loopback(),
+        server: ServerConfig {
+            // Each service's local state (its audit spool) under the data directory.
+            state_dir: Some(data_dir.join("state").join(svc.name())),
+            ..ServerConfig::loopback()
+        },
         tls: pki.files_for(svc.name()),
         telemetry: TelemetryConfig::default(),
         peers,

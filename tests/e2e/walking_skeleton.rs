@@ -120,6 +120,16 @@ async fn walking_skeleton_on_the_embedded_defaults() {
         assert!(state["services"][svc]["admin"].is_string(), "{svc}");
     }
     assert!(state["services"]["gateway"]["admin"].is_string());
+    // Services that record audit events spool them under the data directory first.
+    for svc in ["router", "config", "agent-runtime"] {
+        let spool = mesh
+            .data_dir()
+            .join("state")
+            .join(svc)
+            .join("spool")
+            .join("audit");
+        assert!(spool.is_dir(), "{}", spool.display());
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crewmesh_kit::batch::BatchConfig;
 use crewmesh_kit::clients::{AuditClient, Peers};
-use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
@@ -62,14 +60,7 @@ impl Application {
             Some(_) => Some(peers.config()?),
             None => None,
         };
-        let audit = match common.peers.get(Service::Audit) {
-            Some(_) => Some(AuditClient::new(
-                peers.audit()?,
-                SpiffeId::new(&common.trust_domain, Service::AgentRuntime.name())?,
-                BatchConfig::default(),
-            )),
-            None => None,
-        };
+        let audit = peers.audit_client(Service::AgentRuntime, &common.server, &metrics)?;
 
         let mut server =
             MeshServer::bind(Service::AgentRuntime, common, tls, metrics.clone()).await?;

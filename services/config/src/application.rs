@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crewmesh_kit::admin::Readiness;
-use crewmesh_kit::batch::BatchConfig;
-use crewmesh_kit::clients::{AuditClient, PeerError, Peers};
-use crewmesh_kit::identity::SpiffeId;
+use crewmesh_kit::clients::{AuditClient, Peers};
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
@@ -69,15 +67,8 @@ impl Application {
         let tls = MeshTls::load(common.tls.clone())?;
         let reloader = AbortOnDrop(tls.spawn_reloader(Duration::from_secs(5)));
         let store = open_store(&config.store).await?;
-        let audit = match &common.peers.audit {
-            Some(_) => {
-                let peers = Peers::new(&common.trust_domain, common.peers.clone(), tls.clone());
-                let me = SpiffeId::new(&common.trust_domain, Service::Config.name())
-                    .map_err(PeerError::from)?;
-                Some(AuditClient::new(peers.audit()?, me, BatchConfig::default()))
-            }
-            None => None,
-        };
+        let audit = Peers::new(&common.trust_domain, common.peers.clone(), tls.clone())
+            .audit_client(Service::Config, &common.server, &metrics)?;
         let mut server = MeshServer::bind(Service::Config, common, tls, metrics).await?;
         let (stop_watches, stopping) = tokio::sync::watch::channel(false);
         server.add_service(ConfigServiceServer::new(

@@ -33,6 +33,8 @@ pub enum PeerError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Identity(#[from] crate::identity::SpiffeIdError),
+    #[error("cannot open the audit spool: {0}")]
+    Spool(std::io::Error),
 }
 
 /// Opens channels to the other services named in `[peers]`.
@@ -71,6 +73,35 @@ impl Peers {
 
     pub fn audit(&self) -> Result<AuditServiceClient<MeshChannel>, PeerError> {
         Ok(AuditServiceClient::new(self.channel(Service::Audit)?))
+    }
+
+    /// The audit client of `service`, or `None` when no audit peer is configured.
+    /// It spools to `<state_dir>/spool/audit` when the service has a state directory
+    /// (so nothing accepted is lost across an audit outage or a crash), and queues in
+    /// memory otherwise.
+    pub fn audit_client(
+        &self,
+        service: Service,
+        server: &crate::settings::ServerConfig,
+        metrics: &MetricsRegistry,
+    ) -> Result<Option<AuditClient>, PeerError> {
+        if self.peers.audit.is_none() {
+            return Ok(None);
+        }
+        let me = SpiffeId::new(&self.trust_domain, service.name())?;
+        let client = self.audit()?;
+        let audit = match &server.state_dir {
+            Some(dir) => AuditClient::with_spool(
+                client,
+                me,
+                BatchConfig::default(),
+                SpoolConfig::new(dir.join("spool").join("audit")),
+                Some(metrics),
+            )
+            .map_err(PeerError::Spool)?,
+            None => AuditClient::new(client, me, BatchConfig::default()),
+        };
+        Ok(Some(audit))
     }
 
     pub fn metrics(&self) -> Result<MetricsServiceClient<MeshChannel>, PeerError> {

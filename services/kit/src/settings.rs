@@ -139,6 +139,11 @@ pub struct ServerConfig {
     /// How long in-flight requests may take to finish after a shutdown signal.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// A writable directory for the process's local state, such as the audit
+    /// client's spool (`<state_dir>/spool/audit`). Without one, audit events wait in
+    /// memory only and are lost if the process dies during an audit outage.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn default_admin() -> SocketAddr {
@@ -155,6 +160,7 @@ impl ServerConfig {
             grpc_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             shutdown_grace_secs: 5,
+            state_dir: None,
         }
     }
 
@@ -410,6 +416,7 @@ mod tests {
                 grpc_addr: None,
                 admin_addr: default_admin(),
                 shutdown_grace_secs: 1,
+                state_dir: None,
             },
             tls: TlsFiles {
                 ca_file: "a".into(),

@@ -35,7 +35,6 @@ use arc_swap::ArcSwap;
 use crewmesh_kit::batch::BatchConfig;
 use crewmesh_kit::clients::{AuditClient, Peers, UsageClient};
 use crewmesh_kit::config_cache::ConfigCache;
-use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
@@ -136,8 +135,6 @@ impl Application {
                 }
             });
         }
-        let me = SpiffeId::new(&common.trust_domain, Service::Router.name())
-            .map_err(|e| RouterError::Startup(e.to_string()))?;
         let usage = match common.peers.metrics {
             Some(_) => Some(UsageClient::new(
                 peers
@@ -147,16 +144,9 @@ impl Application {
             )),
             None => None,
         };
-        let audit = match common.peers.audit {
-            Some(_) => Some(AuditClient::new(
-                peers
-                    .audit()
-                    .map_err(|e| RouterError::Startup(e.to_string()))?,
-                me,
-                BatchConfig::default(),
-            )),
-            None => None,
-        };
+        let audit = peers
+            .audit_client(Service::Router, &common.server, &metrics)
+            .map_err(|e| RouterError::Startup(e.to_string()))?;
         let provider = provider::ProviderClient::new(provider::DefaultTimeouts {
             connect: config.upstream_connect_timeout,
             first_byte: config.upstream_first_byte_timeout,
