@@ -1,14 +1,13 @@
 //! `crewmesh audit verify|export|checkpoints|report`: the audit trail through the gateway's
 //! `/v1/audit/*` (the key needs the admin or auditor role).
 
+use crate::gateway_client::{GatewayTarget, problem_error};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
-
-use crewmesh::state::{self, State};
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -76,25 +75,10 @@ struct Target {
 }
 
 fn target(args: &AuditArgs, data_dir: &Path) -> anyhow::Result<Target> {
-    let state = State::read(data_dir).ok();
-    let gateway = args
-        .gateway
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.gateway_url.clone()))
-        .with_context(|| {
-            format!(
-                "no gateway: start one with `crewmesh up` (which writes {}) or pass --gateway URL",
-                data_dir.join(state::FILE_NAME).display()
-            )
-        })?;
-    let key = args
-        .api_key
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.admin_api_key.clone()))
-        .context("no API key: pass --api-key or set CREWMESH_API_KEY")?;
+    let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), data_dir)?;
     Ok(Target {
-        gateway: gateway.trim_end_matches('/').to_owned(),
-        key,
+        gateway: t.url,
+        key: t.key,
     })
 }
 
@@ -111,11 +95,7 @@ impl Target {
         let status = resp.status();
         if !status.is_success() {
             let json: serde_json::Value = resp.json().await.unwrap_or_default();
-            bail!(
-                "{} ({status}): {}",
-                json["title"].as_str().unwrap_or("request failed"),
-                json["detail"].as_str().unwrap_or("no detail")
-            );
+            return Err(problem_error(status, &json));
         }
         Ok(resp)
     }

@@ -1,10 +1,9 @@
 //! `crewmesh chat`: one chat completion through the gateway.
 
+use crate::gateway_client::{GatewayTarget, problem_error};
 use std::path::Path;
 
-use anyhow::{Context, bail};
-
-use crewmesh::state::{self, State};
+use anyhow::Context;
 
 pub async fn run(
     prompt: &str,
@@ -13,18 +12,7 @@ pub async fn run(
     api_key: Option<String>,
     data_dir: &Path,
 ) -> anyhow::Result<()> {
-    let state = State::read(data_dir).ok();
-    let gateway = gateway
-        .or_else(|| state.as_ref().map(|s| s.gateway_url.clone()))
-        .with_context(|| {
-            format!(
-                "no gateway: start one with `crewmesh up` (which writes {}) or pass --gateway URL",
-                data_dir.join(state::FILE_NAME).display()
-            )
-        })?;
-    let key = api_key
-        .or_else(|| state.as_ref().map(|s| s.admin_api_key.clone()))
-        .context("no API key: pass --api-key or set CREWMESH_API_KEY")?;
+    let GatewayTarget { url: gateway, key } = GatewayTarget::resolve(gateway, api_key, data_dir)?;
     let body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -46,11 +34,7 @@ pub async fn run(
         .await
         .context("the gateway's answer is not JSON")?;
     if !status.is_success() {
-        let detail = json["detail"].as_str().unwrap_or("no detail");
-        bail!(
-            "{} ({status}): {detail}",
-            json["title"].as_str().unwrap_or("request failed")
-        );
+        return Err(problem_error(status, &json));
     }
     let content = json
         .pointer("/choices/0/message/content")

@@ -6,13 +6,12 @@
 //! of them (a directory: every `*.json` in it), and writes them all in one transaction;
 //! `--dry-run` prints what would change and writes nothing.
 
+use crate::gateway_client::{GatewayTarget, problem_error};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-
-use crewmesh::state::{self, State};
 
 /// Where to reach the gateway, shared by `config` and `flags`.
 #[derive(Args)]
@@ -118,26 +117,11 @@ struct Target {
 
 impl Target {
     fn new(args: &GatewayArgs) -> anyhow::Result<Self> {
-        let state = State::read(&args.data_dir).ok();
-        let gateway = args
-            .gateway
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.gateway_url.clone()))
-            .with_context(|| {
-                format!(
-                    "no gateway: start one with `crewmesh up` (which writes {}) or pass --gateway URL",
-                    args.data_dir.join(state::FILE_NAME).display()
-                )
-            })?;
-        let key = args
-            .api_key
-            .clone()
-            .or_else(|| state.as_ref().map(|s| s.admin_api_key.clone()))
-            .context("no API key: pass --api-key or set CREWMESH_API_KEY")?;
+        let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), &args.data_dir)?;
         Ok(Self {
             http: reqwest::Client::new(),
-            gateway: gateway.trim_end_matches('/').to_owned(),
-            key,
+            gateway: t.url,
+            key: t.key,
         })
     }
 
@@ -177,11 +161,7 @@ impl Target {
     ) -> anyhow::Result<Value> {
         let (status, json) = self.send(method, path, body, if_match).await?;
         if !(200..300).contains(&status) {
-            bail!(
-                "{} ({status}): {}",
-                json["title"].as_str().unwrap_or("request failed"),
-                json["detail"].as_str().unwrap_or("no detail")
-            );
+            return Err(problem_error(status, &json));
         }
         Ok(json)
     }

@@ -56,7 +56,7 @@ pub struct GatewaySection {
     pub oidc: Option<crewmesh_gateway::oidc::OidcSection>,
     /// Replica membership in etcd, so tenant limits hold across gateway replicas.
     #[serde(default)]
-    pub membership: Option<crewmesh_gateway::replicas::MembershipSection>,
+    pub membership: Option<crewmesh_kit::membership::MembershipSection>,
 }
 
 fn default_http() -> SocketAddr {
@@ -76,6 +76,13 @@ pub struct RouterSection {
     pub upstream_connect_timeout_ms: u64,
     #[serde(default = "default_upstream_ms")]
     pub upstream_timeout_ms: u64,
+    /// Default time to the first byte of an upstream answer (a provider document can
+    /// override it).
+    #[serde(default)]
+    pub upstream_first_byte_timeout_ms: Option<u64>,
+    /// Replica membership in etcd, so provider RPM/TPM limits hold across routers.
+    #[serde(default)]
+    pub membership: Option<crewmesh_kit::membership::MembershipSection>,
 }
 
 fn default_refresh_ms() -> u64 {
@@ -255,6 +262,10 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 c.refresh_interval = Duration::from_millis(r.refresh_interval_ms);
                 c.upstream_connect_timeout = Duration::from_millis(r.upstream_connect_timeout_ms);
                 c.upstream_timeout = Duration::from_millis(r.upstream_timeout_ms);
+                if let Some(ms) = r.upstream_first_byte_timeout_ms {
+                    c.upstream_first_byte_timeout = Duration::from_millis(ms);
+                }
+                c.membership = r.membership.map(Into::into);
             }
             c.validate()?;
             ServiceConfig::Router(c)

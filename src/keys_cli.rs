@@ -1,11 +1,10 @@
 //! `crewmesh keys create|list|revoke`: API keys through the gateway's `/v1/keys`.
 
+use crate::gateway_client::{GatewayTarget, problem_error};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-
-use crewmesh::state::{self, State};
 
 #[derive(Args)]
 pub struct KeysArgs {
@@ -61,25 +60,10 @@ struct Target {
 }
 
 fn target(args: &KeysArgs, data_dir: &Path) -> anyhow::Result<Target> {
-    let state = State::read(data_dir).ok();
-    let gateway = args
-        .gateway
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.gateway_url.clone()))
-        .with_context(|| {
-            format!(
-                "no gateway: start one with `crewmesh up` (which writes {}) or pass --gateway URL",
-                data_dir.join(state::FILE_NAME).display()
-            )
-        })?;
-    let key = args
-        .api_key
-        .clone()
-        .or_else(|| state.as_ref().map(|s| s.admin_api_key.clone()))
-        .context("no API key: pass --api-key or set CREWMESH_API_KEY")?;
+    let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), data_dir)?;
     Ok(Target {
-        gateway: gateway.trim_end_matches('/').to_owned(),
-        key,
+        gateway: t.url,
+        key: t.key,
     })
 }
 
@@ -90,11 +74,7 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
         .await
         .context("the gateway's answer is not JSON")?;
     if !status.is_success() {
-        bail!(
-            "{} ({status}): {}",
-            json["title"].as_str().unwrap_or("request failed"),
-            json["detail"].as_str().unwrap_or("no detail")
-        );
+        return Err(problem_error(status, &json));
     }
     Ok(json)
 }

@@ -6,6 +6,7 @@
 mod audit_cli;
 mod chat;
 mod config_cli;
+mod gateway_client;
 mod keys_cli;
 
 use crewmesh::{file_config, state, up};

@@ -13,7 +13,6 @@ pub mod limits;
 pub mod oidc;
 pub mod problem;
 pub mod rbac;
-pub mod replicas;
 mod routes;
 
 use std::collections::HashMap;
@@ -76,7 +75,7 @@ pub struct EdgeConfig {
     pub config_refresh: Duration,
     /// Replica membership in etcd, so limits are shared by the replicas; `None` for a
     /// single gateway.
-    pub membership: Option<replicas::MembershipConfig>,
+    pub membership: Option<crewmesh_kit::membership::MembershipConfig>,
     /// How long a tenant's month-to-date spend is reused before asking metrics again.
     pub spend_cache_ttl: Duration,
     /// OIDC bearer tokens, besides API keys; `None` accepts API keys only.
@@ -399,7 +398,7 @@ pub struct Application {
     readiness: Readiness,
     metrics: MetricsRegistry,
     grace: Duration,
-    membership: Option<replicas::Membership>,
+    membership: Option<crewmesh_kit::membership::Membership>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -435,7 +434,7 @@ impl Application {
         let replica_count = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let membership = match &config.edge.membership {
             Some(m) => Some(
-                replicas::Membership::join(m, replica_count.clone())
+                crewmesh_kit::membership::Membership::join(m, "gateways", replica_count.clone())
                     .await
                     .map_err(|e| GatewayError::Startup(e.to_string()))?,
             ),

@@ -367,7 +367,11 @@ pub async fn check(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
     use super::*;
+    use crewmesh_kit::membership::{Membership, MembershipConfig};
 
     fn limiter(replicas: u64) -> (Limiter, Arc<AtomicU64>) {
         let n = Arc::new(AtomicU64::new(replicas));
@@ -536,5 +540,56 @@ mod tests {
             month_start(t),
             time::macros::datetime!(2026-11-01 00:00:00 UTC)
         );
+    }
+
+    #[tokio::test]
+    async fn replicas_count_each_other_share_limits_and_leave() {
+        crewmesh_testkit::init_crypto();
+        let etcd = crewmesh_testkit::etcd();
+        let config = MembershipConfig {
+            endpoints: vec![etcd.endpoint()],
+            prefix: etcd.unique_prefix(),
+            ttl: Duration::from_secs(3),
+        };
+        let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let ma = Membership::join(&config, "gateways", a.clone())
+            .await
+            .unwrap();
+        assert_eq!(a.load(Ordering::Relaxed), 1);
+        let mb = Membership::join(&config, "gateways", b.clone())
+            .await
+            .unwrap();
+        assert_eq!(b.load(Ordering::Relaxed), 2);
+        // `a` sees `b` at its next count.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while a.load(Ordering::Relaxed) != 2 {
+            assert!(std::time::Instant::now() < deadline, "a never saw b");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Two replicas, each with its own limiter: together they admit the limit once.
+        let policy = TenantPolicy {
+            rpm: Some(10),
+            ..Default::default()
+        };
+        let subject = Subject {
+            tenant: "acme",
+            key: "k1",
+            tenant_policy: Some(&policy),
+            key_rpm: None,
+            key_tpm: None,
+        };
+        let now = std::time::Instant::now();
+        let admitted: usize = [Limiter::new(a.clone()), Limiter::new(b.clone())]
+            .iter()
+            .map(|l| (0..20).filter(|_| l.admit(&subject, now).is_ok()).count())
+            .sum();
+        assert_eq!(admitted, 10);
+        mb.leave().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while a.load(Ordering::Relaxed) != 1 {
+            assert!(std::time::Instant::now() < deadline, "a never saw b leave");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ma.leave().await;
     }
 }

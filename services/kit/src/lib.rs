@@ -21,6 +21,7 @@ pub mod clients;
 pub mod config_cache;
 pub mod flags;
 pub mod identity;
+pub mod membership;
 pub mod mesh;
 pub mod observe;
 pub mod pki;

@@ -18,7 +18,6 @@ pub mod cache;
 pub mod catalog;
 pub mod error;
 pub mod limits;
-pub mod membership;
 pub mod provider;
 mod service;
 pub mod strategy;
@@ -60,7 +59,7 @@ pub struct RouterConfig {
     pub cache_max_bytes: usize,
     /// Replica membership in etcd, so provider limits are split between replicas;
     /// `None` for a single router (it enforces the whole limit).
-    pub membership: Option<membership::MembershipConfig>,
+    pub membership: Option<crewmesh_kit::membership::MembershipConfig>,
 }
 
 impl RouterConfig {
@@ -96,7 +95,7 @@ pub struct Application {
     server: MeshServer,
     usage: Option<UsageClient>,
     audit: Option<AuditClient>,
-    membership: Option<membership::Membership>,
+    membership: Option<crewmesh_kit::membership::Membership>,
 }
 
 impl Application {
@@ -156,7 +155,7 @@ impl Application {
         let replicas = Arc::new(AtomicU64::new(1));
         let membership = match &config.membership {
             Some(m) => Some(
-                membership::Membership::join(m, replicas.clone())
+                crewmesh_kit::membership::Membership::join(m, "routers", replicas.clone())
                     .await
                     .map_err(|e| RouterError::Startup(e.to_string()))?,
             ),

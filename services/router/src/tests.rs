@@ -887,7 +887,7 @@ async fn two_routers_sharing_the_replica_count_admit_the_configured_total() {
 
 #[tokio::test]
 async fn two_routers_counted_through_etcd_leases_keep_the_configured_limit() {
-    use crate::membership::{Membership, MembershipConfig};
+    use crewmesh_kit::membership::{Membership, MembershipConfig};
     let etcd = crewmesh_testkit::etcd();
     let config = MembershipConfig {
         endpoints: vec![etcd.endpoint()],
@@ -895,8 +895,12 @@ async fn two_routers_counted_through_etcd_leases_keep_the_configured_limit() {
         ttl: Duration::from_secs(3),
     };
     let (na, nb) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(1)));
-    let ma = Membership::join(&config, na.clone()).await.expect("join a");
-    let mb = Membership::join(&config, nb.clone()).await.expect("join b");
+    let ma = Membership::join(&config, "routers", na.clone())
+        .await
+        .expect("join a");
+    let mb = Membership::join(&config, "routers", nb.clone())
+        .await
+        .expect("join b");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while ma.replicas() != 2 || mb.replicas() != 2 {
         assert!(

@@ -1,8 +1,9 @@
-//! Gateway replica membership, so that tenant and key limits hold across replicas.
+//! Replica membership in etcd, so that limits hold across the replicas of a service
+//! (the gateway's tenant and key limits, the router's provider limits).
 //!
-//! Each gateway registers `<prefix>/gateways/<uuid>` in etcd under a lease with a short
-//! TTL, renews the lease, and counts the keys under `<prefix>/gateways/` every
-//! `ttl / 3`. [`crate::limits::Limiter`] admits `ceil(limit / N)` per replica, so the
+//! Each replica registers `<prefix>/<group>/<uuid>` in etcd under a lease with a short
+//! TTL, renews the lease, and counts the keys under `<prefix>/<group>/` every
+//! `ttl / 3`. The limiter of the service admits `ceil(limit / N)` per replica, so the
 //! sum over the replicas stays at the configured limit. A replica that stops cleanly
 //! revokes its lease; one that crashes disappears when its lease expires, and until
 //! then the others enforce the smaller share (the error is on the safe side). If the
@@ -17,7 +18,7 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions};
 use tokio::task::JoinHandle;
 
-/// Where and how gateway replicas register.
+/// Where and how replicas register.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipConfig {
     pub endpoints: Vec<String>,
@@ -27,7 +28,8 @@ pub struct MembershipConfig {
     pub ttl: Duration,
 }
 
-/// The `[gateway.membership]` section of a config file.
+/// The `membership` section of a service's config file (`[gateway.membership]`,
+/// `[router.membership]`).
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipSection {
@@ -57,7 +59,7 @@ impl From<MembershipSection> for MembershipConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("gateway replica membership in etcd: {0}")]
+#[error("replica membership in etcd: {0}")]
 pub struct MembershipError(#[from] etcd_client::Error);
 
 /// This replica's registration; [`leave`](Self::leave) on shutdown.
@@ -65,10 +67,19 @@ pub struct Membership {
     client: Client,
     lease: Arc<std::sync::atomic::AtomicI64>,
     task: JoinHandle<()>,
+    replicas: Arc<AtomicU64>,
 }
 
-fn gateways_prefix(prefix: &str) -> String {
-    format!("{}/gateways/", prefix.trim_end_matches('/'))
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("replicas", &self.replicas())
+            .finish_non_exhaustive()
+    }
+}
+
+fn group_prefix(prefix: &str, group: &str) -> String {
+    format!("{}/{group}/", prefix.trim_end_matches('/'))
 }
 
 async fn count(client: &mut Client, prefix: &str) -> Result<u64, etcd_client::Error> {
@@ -90,14 +101,16 @@ async fn register(client: &mut Client, key: &str, ttl: u64) -> Result<i64, etcd_
 }
 
 impl Membership {
-    /// Registers this replica and keeps `replicas` current until [`leave`](Self::leave).
+    /// Registers this replica in `group` (e.g. `gateways`, `routers`) and keeps
+    /// `replicas` current until [`leave`](Self::leave).
     pub async fn join(
         config: &MembershipConfig,
+        group: &'static str,
         replicas: Arc<AtomicU64>,
     ) -> Result<Self, MembershipError> {
         let mut client = Client::connect(&config.endpoints, None).await?;
         let ttl = config.ttl.as_secs().max(3);
-        let prefix = gateways_prefix(&config.prefix);
+        let prefix = group_prefix(&config.prefix, group);
         let key = format!("{prefix}{}", uuid::Uuid::now_v7());
         let lease = Arc::new(std::sync::atomic::AtomicI64::new(
             register(&mut client, &key, ttl).await?,
@@ -107,6 +120,7 @@ impl Membership {
         let task = {
             let mut client = client.clone();
             let lease = lease.clone();
+            let replicas = replicas.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(period).await;
@@ -125,27 +139,27 @@ impl Membership {
                                 Ok(id) => {
                                     lease.store(id, Ordering::Relaxed);
                                     tracing::info!(
-                                        "gateway membership lease renewed after it expired"
+                                        %group, "membership lease renewed after it expired"
                                     );
                                 }
                                 Err(e) => {
-                                    tracing::warn!(error = %e, "cannot register the gateway replica")
+                                    tracing::warn!(error = %e, %group, "cannot register this replica")
                                 }
                             }
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot renew the gateway's membership lease")
+                            tracing::warn!(error = %e, %group, "cannot renew the membership lease")
                         }
                     }
                     match count(&mut client, &prefix).await {
                         Ok(n) => {
                             if replicas.swap(n, Ordering::Relaxed) != n {
-                                tracing::info!(replicas = n, "gateway replica count changed");
+                                tracing::info!(replicas = n, %group, "replica count changed");
                             }
                         }
                         Err(e) => tracing::warn!(
                             error = %e,
-                            "cannot count gateway replicas; keeping the last count"
+                            "cannot count replicas; keeping the last count"
                         ),
                     }
                 }
@@ -155,7 +169,13 @@ impl Membership {
             client,
             lease,
             task,
+            replicas,
         })
+    }
+
+    /// The replica count as last seen (at least 1).
+    pub fn replicas(&self) -> u64 {
+        self.replicas.load(Ordering::Relaxed)
     }
 
     /// Deregisters this replica (revokes its lease).
@@ -163,62 +183,7 @@ impl Membership {
         self.task.abort();
         let lease = self.lease.load(Ordering::Relaxed);
         if let Err(e) = self.client.lease_revoke(lease).await {
-            tracing::warn!(error = %e, "cannot revoke the gateway's membership lease; it expires on its own");
+            tracing::warn!(error = %e, "cannot revoke the membership lease; it expires on its own");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn replicas_count_each_other_share_limits_and_leave() {
-        crewmesh_testkit::init_crypto();
-        let etcd = crewmesh_testkit::etcd();
-        let config = MembershipConfig {
-            endpoints: vec![etcd.endpoint()],
-            prefix: etcd.unique_prefix(),
-            ttl: Duration::from_secs(3),
-        };
-        let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let ma = Membership::join(&config, a.clone()).await.unwrap();
-        assert_eq!(a.load(Ordering::Relaxed), 1);
-        let mb = Membership::join(&config, b.clone()).await.unwrap();
-        assert_eq!(b.load(Ordering::Relaxed), 2);
-        // `a` sees `b` at its next count.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while a.load(Ordering::Relaxed) != 2 {
-            assert!(std::time::Instant::now() < deadline, "a never saw b");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // Two replicas, each with its own limiter: together they admit the limit once.
-        let policy = crate::limits::TenantPolicy {
-            rpm: Some(10),
-            ..Default::default()
-        };
-        let subject = crate::limits::Subject {
-            tenant: "acme",
-            key: "k1",
-            tenant_policy: Some(&policy),
-            key_rpm: None,
-            key_tpm: None,
-        };
-        let now = std::time::Instant::now();
-        let admitted: usize = [
-            crate::limits::Limiter::new(a.clone()),
-            crate::limits::Limiter::new(b.clone()),
-        ]
-        .iter()
-        .map(|l| (0..20).filter(|_| l.admit(&subject, now).is_ok()).count())
-        .sum();
-        assert_eq!(admitted, 10);
-        mb.leave().await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while a.load(Ordering::Relaxed) != 1 {
-            assert!(std::time::Instant::now() < deadline, "a never saw b leave");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        ma.leave().await;
     }
 }
