@@ -336,7 +336,7 @@ mod tests {
             stop: vec!["END".into()],
             ..Default::default()
         };
-        let body = request(&req, "claude-x", true);
+        let body = request(&req, "anthropic-model-x", true);
         assert_eq!(body["system"], "be brief");
         assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
         assert_eq!(body["messages"].as_array().unwrap().len(), 3);

@@ -952,7 +952,7 @@ async fn anthropic_double() -> (
                 let events = [
                     (
                         "message_start",
-                        json!({"type": "message_start", "message": {"id": "msg_1", "model": "claude-test", "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+                        json!({"type": "message_start", "message": {"id": "msg_1", "model": "anthropic-model-test", "usage": {"input_tokens": 11, "output_tokens": 1}}}),
                     ),
                     (
                         "content_block_start",
@@ -984,7 +984,7 @@ async fn anthropic_double() -> (
                 return ([("content-type", "text/event-stream")], text).into_response();
             }
             axum::Json(json!({
-                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "anthropic-model-test",
                 "content": [
                     {"type": "text", "text": "Let me check."},
                     {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}
@@ -1014,8 +1014,8 @@ fn anthropic_docs(
         (
             Kind::Model,
             GLOBAL,
-            "claude".into(),
-            json!({"deployments": [{"name": "c", "provider": "anthropic", "model": "claude-test", "input_price_per_1m": 3.0, "output_price_per_1m": 15.0}]}),
+            "anthropic-alias".into(),
+            json!({"deployments": [{"name": "c", "provider": "anthropic", "model": "anthropic-model-test", "input_price_per_1m": 3.0, "output_price_per_1m": 15.0}]}),
         ),
     ]
 }
@@ -1027,7 +1027,7 @@ async fn anthropic_messages_map_to_chat_completions() {
     let key = dir.path().join("key");
     std::fs::write(&key, "test-key\n").unwrap();
     let f = fixture(&docs(&anthropic_docs(&url, &key)));
-    let mut r = req("claude", "weather?");
+    let mut r = req("anthropic-alias", "weather?");
     r.messages.insert(
         0,
         pb::ChatMessage {
@@ -1044,7 +1044,7 @@ async fn anthropic_messages_map_to_chat_completions() {
     let resp = f.complete(r).await.expect("anthropic answer");
     let body = seen.lock().unwrap().clone().unwrap();
     assert_eq!(body["system"], "be brief");
-    assert_eq!(body["model"], "claude-test");
+    assert_eq!(body["model"], "anthropic-model-test");
     assert_eq!(body["tools"][0]["input_schema"], json!({"type": "object"}));
     let choice = &resp.choices[0];
     assert_eq!(choice.finish_reason, "tool_calls");
@@ -1065,7 +1065,10 @@ async fn anthropic_messages_map_to_chat_completions() {
     assert!(!call.simulated);
     assert!((call.cost_usd - (11.0 * 3.0 + 7.0 * 15.0) / 1e6).abs() < 1e-15);
 
-    let events = f.stream(req("claude", "hi")).await.expect("stream");
+    let events = f
+        .stream(req("anthropic-alias", "hi"))
+        .await
+        .expect("stream");
     assert_eq!(text_of(&events), "Hello world");
     let Some(Event::End(end)) = &events.last().unwrap().event else {
         panic!("{events:?}")
