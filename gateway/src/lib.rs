@@ -399,6 +399,7 @@ pub struct Application {
     metrics: MetricsRegistry,
     grace: Duration,
     membership: Option<crewmesh_kit::membership::Membership>,
+    _tls_reloader: crewmesh_kit::tasks::AbortOnDrop,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -415,7 +416,7 @@ impl Application {
         let common = &config.common;
         let tls =
             MeshTls::load(common.tls.clone()).map_err(|e| GatewayError::Startup(e.to_string()))?;
-        tls.spawn_reloader(Duration::from_secs(5));
+        let tls_reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let peers = Peers::new(&common.trust_domain, common.peers.clone(), tls);
         let startup = |e: crewmesh_kit::clients::PeerError| GatewayError::Startup(e.to_string());
         let readiness = Readiness::new();
@@ -469,6 +470,7 @@ impl Application {
             membership,
             metrics,
             grace: common.server.grace(),
+            _tls_reloader: tls_reloader,
         })
     }
 

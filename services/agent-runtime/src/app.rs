@@ -9,6 +9,7 @@ use crewmesh_kit::clients::{AuditClient, Peers};
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
+use crewmesh_kit::tasks::AbortOnDrop;
 use crewmesh_kit::tls::MeshTls;
 use crewmesh_proto::agent::v1::agent_service_server::AgentServiceServer;
 
@@ -21,8 +22,6 @@ use crate::store::{self, RunStore};
 
 /// How long the audit client may take to send what it holds at shutdown.
 const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the TLS files are checked for rotation.
-const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The agent runtime, bound and ready to serve.
 pub struct Application {
@@ -34,15 +33,6 @@ pub struct Application {
     _tls_reloader: AbortOnDrop,
 }
 
-/// Stops a background task when its owner goes away (also when `build` fails).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Application {
     /// Loads TLS, connects the store and migrates it, binds the listeners (port 0
     /// works) and resumes every run a previous process left PENDING or RUNNING.
@@ -50,7 +40,7 @@ impl Application {
         config.validate()?;
         let common = &config.common;
         let tls = MeshTls::load(common.tls.clone())?;
-        let tls_reloader = AbortOnDrop(tls.spawn_reloader(TLS_RELOAD_INTERVAL));
+        let tls_reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
 
         let store = store::connect(&config.database).await?;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
+use crewmesh_kit::tasks::AbortOnDrop;
 use crewmesh_kit::tls::MeshTls;
 use crewmesh_proto::audit::v1::audit_service_server::AuditServiceServer;
 
@@ -18,9 +19,6 @@ use crate::config::AuditConfig;
 use crate::error::Result;
 use crate::event::DEFAULT_CHAIN;
 use crate::store::{Backend, PgAuditStore, SqliteAuditStore};
-
-/// How often the TLS files are checked for rotation.
-const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built audit service: listeners bound, store connected and migrated.
 pub struct Application {
@@ -52,7 +50,7 @@ impl Application {
     pub async fn build(config: AuditConfig, metrics: MetricsRegistry) -> Result<Self> {
         config.validate()?;
         let tls = MeshTls::load(config.common.tls.clone())?;
-        let tls_reloader = AbortOnDrop(tls.spawn_reloader(TLS_RELOAD_INTERVAL));
+        let tls_reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let store = Backend::connect(&config.database).await?;
         let signer = match &config.checkpoints.signing_key_file {
             Some(path) => Some(Signer::from_file(
@@ -138,14 +136,5 @@ impl Application {
         self.store.close().await;
         served?;
         Ok(())
-    }
-}
-
-/// Stops a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

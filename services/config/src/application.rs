@@ -11,6 +11,7 @@ use crewmesh_kit::clients::{AuditClient, Peers};
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
+use crewmesh_kit::tasks::AbortOnDrop;
 use crewmesh_kit::tls::MeshTls;
 use crewmesh_proto::config::v1::config_service_server::ConfigServiceServer;
 use tokio::task::JoinHandle;
@@ -27,15 +28,6 @@ const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The readiness check that reports the store's health.
 const STORE_CHECK: &str = "store";
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// The config service, bound and ready to run.
 pub struct Application {
@@ -65,7 +57,7 @@ impl Application {
         config.validate()?;
         let common = &config.common;
         let tls = MeshTls::load(common.tls.clone())?;
-        let reloader = AbortOnDrop(tls.spawn_reloader(Duration::from_secs(5)));
+        let reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let store = open_store(&config.store).await?;
         let audit = Peers::new(&common.trust_domain, common.peers.clone(), tls.clone())
             .audit_client(Service::Config, &common.server, &metrics)?;

@@ -30,6 +30,7 @@ pub mod server;
 pub mod settings;
 pub mod spool;
 pub mod status;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

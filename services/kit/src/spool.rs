@@ -206,13 +206,25 @@ impl Shared {
         (w.segment, w.offset)
     }
 
+    /// Makes what was written durable. The fsync runs on a second handle of the
+    /// segment, outside the writer's lock, so `submit` on request tasks never waits
+    /// for the disk.
     fn sync(&self) {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if w.dirty {
-            if let Err(e) = w.file.sync_data() {
-                tracing::warn!(error = %e, "cannot sync the spool");
+        let file = {
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if !w.dirty {
+                return;
             }
             w.dirty = false;
+            w.file.try_clone()
+        };
+        match file {
+            Ok(file) => {
+                if let Err(e) = file.sync_data() {
+                    tracing::warn!(error = %e, "cannot sync the spool");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sync the spool"),
         }
     }
 }
@@ -354,15 +366,16 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
                     .open(segment_path(&self.shared.dir, next))
                 {
                     Ok(file) => {
-                        if let Err(e) = w.file.sync_data() {
-                            tracing::warn!(error = %e, "cannot sync a full spool segment");
-                        }
-                        *w = Writer {
-                            file,
-                            segment: next,
-                            offset: 0,
-                            dirty: false,
-                        };
+                        let full = std::mem::replace(
+                            &mut *w,
+                            Writer {
+                                file,
+                                segment: next,
+                                offset: 0,
+                                dirty: false,
+                            },
+                        );
+                        sync_off_path(full.file);
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot start a new spool segment"),
                 }
@@ -566,7 +579,8 @@ async fn run<T, F, Fut>(
         if let Some(every) = fsync_every
             && last_sync.elapsed() >= every
         {
-            shared.sync();
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
             last_sync = tokio::time::Instant::now();
         }
         if items.is_empty() && consumed == 0 && pos == *shared.acked.borrow() {
@@ -629,6 +643,22 @@ where
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// Syncs a full segment without holding up the caller: `submit` runs on request
+/// tasks, and an fsync can take milliseconds. Outside a runtime it syncs inline.
+fn sync_off_path(file: File) {
+    let sync = move || {
+        if let Err(e) = file.sync_data() {
+            tracing::warn!(error = %e, "cannot sync a full spool segment");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn_blocking(sync);
+        }
+        Err(_) => sync(),
     }
 }
 

@@ -18,6 +18,11 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde::Deserialize;
 
+use crate::tasks::AbortOnDrop;
+
+/// How often services look for rotated certificate files.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The three PEM files of a workload.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -208,10 +213,11 @@ impl MeshTls {
     }
 
     /// Polls the files every `interval` and reloads when any changes. New connections
-    /// use the new material; established ones keep theirs. Runs until dropped.
-    pub fn spawn_reloader(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+    /// use the new material; established ones keep theirs. Runs until the returned
+    /// guard is dropped.
+    pub fn spawn_reloader(&self, interval: Duration) -> AbortOnDrop {
         let this = self.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut seen = this.fingerprint();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,7 +239,7 @@ impl MeshTls {
                     }
                 }
             }
-        })
+        }))
     }
 
     fn fingerprint(&self) -> Vec<Option<(SystemTime, u64)>> {

@@ -2,11 +2,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::server::MeshServer;
+use crewmesh_kit::tasks::AbortOnDrop;
 use crewmesh_kit::tls::MeshTls;
 use crewmesh_proto::metrics::v1::metrics_service_server::MetricsServiceServer;
 
@@ -15,9 +15,6 @@ use crate::config::MetricsConfig;
 use crate::counters::UsageCounters;
 use crate::error::Result;
 use crate::store::Backend;
-
-/// How often the TLS files are checked for rotation.
-const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built metrics service: listeners bound, store connected and migrated.
 pub struct Application {
@@ -33,7 +30,7 @@ impl Application {
     pub async fn build(config: MetricsConfig, metrics: MetricsRegistry) -> Result<Self> {
         config.validate()?;
         let tls = MeshTls::load(config.common.tls.clone())?;
-        let tls_reloader = AbortOnDrop(tls.spawn_reloader(TLS_RELOAD_INTERVAL));
+        let tls_reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let store = Backend::connect(&config.database).await?;
         let counters = UsageCounters::register(&metrics);
         let mut server = MeshServer::bind(Service::Metrics, &config.common, tls, metrics).await?;
@@ -78,14 +75,5 @@ impl Application {
         self.store.close().await;
         served?;
         Ok(())
-    }
-}
-
-/// Stops a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -96,6 +96,7 @@ pub struct Application {
     usage: Option<UsageClient>,
     audit: Option<AuditClient>,
     membership: Option<crewmesh_kit::membership::Membership>,
+    _tls_reloader: crewmesh_kit::tasks::AbortOnDrop,
 }
 
 impl Application {
@@ -106,7 +107,7 @@ impl Application {
         let common = &config.common;
         let tls =
             MeshTls::load(common.tls.clone()).map_err(|e| RouterError::Startup(e.to_string()))?;
-        tls.spawn_reloader(Duration::from_secs(5));
+        let tls_reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let peers = Peers::new(&common.trust_domain, common.peers.clone(), tls.clone());
         let mut server = MeshServer::bind(Service::Router, common, tls, metrics.clone()).await?;
 
@@ -181,6 +182,7 @@ impl Application {
             usage,
             audit,
             membership,
+            _tls_reloader: tls_reloader,
         })
     }
 
