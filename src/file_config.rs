@@ -32,6 +32,9 @@ pub struct FileConfig {
     pub database: Option<DatabaseConfig>,
     #[serde(default)]
     pub store: Option<crewmesh_config::settings::StoreSettings>,
+    /// Config service only: `[config] secrets_key_file`.
+    #[serde(default)]
+    pub config: Option<crewmesh_config::settings::ConfigSection>,
     #[serde(default)]
     pub gateway: Option<GatewaySection>,
     #[serde(default)]
@@ -57,6 +60,9 @@ pub struct GatewaySection {
     /// Replica membership in etcd, so tenant limits hold across gateway replicas.
     #[serde(default)]
     pub membership: Option<crewmesh_kit::membership::MembershipSection>,
+    /// CORS, security headers, header limits and timeouts (`[gateway.http]`).
+    #[serde(default)]
+    pub http: crewmesh_gateway::edge::HttpSection,
 }
 
 fn default_http() -> SocketAddr {
@@ -219,6 +225,7 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 upstream_timeout_secs: default_upstream_secs(),
                 oidc: None,
                 membership: None,
+                http: Default::default(),
             });
             let oidc = g
                 .oidc
@@ -250,6 +257,7 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 edge: crewmesh_gateway::EdgeConfig {
                     oidc,
                     membership: g.membership.map(Into::into),
+                    http: g.http.into(),
                     ..Default::default()
                 },
             };
@@ -305,7 +313,11 @@ fn into_service(service: Service, f: FileConfig) -> Result<ServiceConfig, Config
                 }])
             })?;
             let store = raw.into_typed()?;
-            let c = crewmesh_config::ConfigServiceConfig { common, store };
+            let c = crewmesh_config::ConfigServiceConfig {
+                common,
+                store,
+                secrets_key_file: f.config.and_then(|c| c.secrets_key_file),
+            };
             c.validate()?;
             ServiceConfig::Config(c)
         }

@@ -41,6 +41,9 @@ pub enum KeysCommand {
         /// Tokens per minute allowed to this key.
         #[arg(long)]
         tpm: Option<u64>,
+        /// Spend allowed to this key per calendar month (UTC), in US dollars.
+        #[arg(long = "budget-usd")]
+        budget_usd: Option<f64>,
         /// Print the whole answer as JSON.
         #[arg(long)]
         json: bool,
@@ -100,6 +103,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             expires_in_days,
             rpm,
             tpm,
+            budget_usd,
             json,
         } => {
             let body = serde_json::json!({
@@ -108,6 +112,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 "expires_in_days": expires_in_days,
                 "rpm": rpm,
                 "tpm": tpm,
+                "budget_usd_month": budget_usd,
                 "tenant": args.tenant,
             });
             let resp = http

@@ -8,8 +8,9 @@ mod chat;
 mod config_cli;
 mod gateway_client;
 mod keys_cli;
+mod sim_cli;
 
-use crewmesh::{file_config, state, up};
+use crewmesh::{bench, file_config, state, up};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,10 @@ enum Command {
     Config(config_cli::ConfigArgs),
     /// Evaluate feature flags through the gateway's OFREP endpoint.
     Flags(config_cli::FlagsArgs),
+    /// Change the simulated upstream's fault settings while it runs (`sim faults set|get|clear`).
+    Sim(sim_cli::SimArgs),
+    /// Load tests; `bench gateway` measures the mesh overhead of a model call.
+    Bench(bench::BenchArgs),
     /// Run only the simulated OpenAI-compatible upstream (deterministic, not a real model).
     SimulatedUpstream {
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -245,7 +250,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Config(args) => match config_cli::run_config(args).await {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
@@ -260,6 +265,20 @@ async fn run(cli: Cli) -> ExitCode {
         },
         Command::Audit(args) => match audit_cli::run(args).await {
             Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sim(args) => match sim_cli::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bench(args) => match bench::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE

@@ -101,6 +101,16 @@ fn admin_key(path: &Path) -> anyhow::Result<Secret> {
     Ok(Secret::new(key))
 }
 
+/// The key that encrypts inline provider secrets in the embedded config store
+/// (`DATA_DIR/config.key`, 32 random bytes, created on first start).
+fn secrets_key_file(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("config.key");
+    if !path.exists() {
+        write_private(&path, &rand::random::<[u8; 32]>())?;
+    }
+    Ok(path)
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
@@ -283,6 +293,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
                     })
                 }
             },
+            secrets_key_file: Some(secrets_key_file(&data_dir)?),
         },
         metrics.clone(),
     )
@@ -336,6 +347,8 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
             common: CommonConfig {
                 server: ServerConfig {
                     grpc_addr: None,
+                    // The gateway's audit spool, like every service's.
+                    state_dir: Some(data_dir.join("state").join("gateway")),
                     ..ServerConfig::loopback()
                 },
                 ..common(Service::Gateway, peers.clone())

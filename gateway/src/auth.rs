@@ -40,6 +40,8 @@ pub struct KeyEntry {
     pub rpm: Option<u64>,
     /// Tokens per minute allowed to this key.
     pub tpm: Option<u64>,
+    /// Spend allowed to this key per calendar month (UTC), besides the tenant's budget.
+    pub budget_usd_month: Option<f64>,
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -52,7 +54,7 @@ impl std::fmt::Debug for KeyEntry {
 }
 
 /// The body of an `apikey` config document. Only the key's digest is stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiKeySpec {
     /// Lowercase hex SHA-256 of the key.
     pub key_sha256: String,
@@ -65,6 +67,9 @@ pub struct ApiKeySpec {
     pub rpm: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
+    /// Spend limit of the key per calendar month (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_usd_month: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,6 +148,7 @@ impl KeyEntry {
             expires_at,
             rpm: spec.rpm,
             tpm: spec.tpm,
+            budget_usd_month: spec.budget_usd_month,
         })
     }
 }
@@ -336,6 +342,7 @@ fn bootstrap_entry(key: &Secret) -> KeyEntry {
         expires_at: None,
         rpm: None,
         tpm: None,
+        budget_usd_month: None,
     }
 }
 

@@ -7,10 +7,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit_trail;
 pub mod auth;
+pub mod edge;
 mod extract;
 pub mod limits;
 pub mod oidc;
+pub mod openapi;
 pub mod problem;
 pub mod rbac;
 mod routes;
@@ -80,6 +83,8 @@ pub struct EdgeConfig {
     pub spend_cache_ttl: Duration,
     /// OIDC bearer tokens, besides API keys; `None` accepts API keys only.
     pub oidc: Option<Box<oidc::OidcConfig>>,
+    /// CORS, security headers, header limits and timeouts of the HTTP API.
+    pub http: edge::HttpEdgeConfig,
 }
 
 impl Default for EdgeConfig {
@@ -89,6 +94,7 @@ impl Default for EdgeConfig {
             membership: None,
             spend_cache_ttl: Duration::from_secs(5),
             oidc: None,
+            http: edge::HttpEdgeConfig::default(),
         }
     }
 }
@@ -121,6 +127,9 @@ impl GatewayConfig {
                 p.add(field, problem, fix);
             }
         }
+        for (field, problem, fix) in self.edge.http.problems() {
+            p.add(field, problem, fix);
+        }
         p.into_result()
     }
 }
@@ -147,6 +156,9 @@ pub struct AppState {
     pub key_source: Arc<KeySource>,
     /// The config service, for API key documents.
     pub config_store: ConfigServiceClient<MeshChannel>,
+    /// The watched apikey and tenant documents; its confirmed revision goes out in
+    /// the `x-crewmesh-config-revision` header of every response.
+    pub config_docs: ConfigCache,
     /// Tenant limits and budgets from `_global` tenant documents.
     pub tenant_policies: Arc<ArcSwap<HashMap<String, limits::TenantPolicy>>>,
     pub limiter: Arc<limits::Limiter>,
@@ -158,6 +170,10 @@ pub struct AppState {
     pub audit: AuditServiceClient<MeshChannel>,
     pub metrics: MetricsServiceClient<MeshChannel>,
     pub upstream_timeout: Duration,
+    /// CORS, security headers, header limits and timeouts of the HTTP API.
+    pub http: Arc<edge::HttpEdgeConfig>,
+    /// Records an audit event for every request (see [`audit_trail`]).
+    pub audit_trail: audit_trail::AuditTrail,
     http_metrics: HttpMetrics,
 }
 
@@ -261,26 +277,27 @@ async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: 
 }
 
 /// The caller of a request: an OIDC token when OIDC is configured and the bearer
-/// credential is a JWT, else an API key; with the key's own (rpm, tpm).
+/// credential is a JWT, else an API key; with the key's own limits.
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<
-    (
-        crewmesh_kit::principal::Principal,
-        (Option<u64>, Option<u64>),
-    ),
-    Problem,
-> {
+) -> Result<(crewmesh_kit::principal::Principal, limits::KeyLimits), Problem> {
     if let Some(verifier) = &state.oidc {
         let token = auth::bearer(headers)?;
         if oidc::looks_like_jwt(token) {
-            return Ok((verifier.verify(token).await?, (None, None)));
+            return Ok((verifier.verify(token).await?, limits::KeyLimits::default()));
         }
     }
     let keys = state.keys.load();
     let entry = keys.authenticate(headers)?;
-    Ok((entry.principal.clone(), (entry.rpm, entry.tpm)))
+    Ok((
+        entry.principal.clone(),
+        limits::KeyLimits {
+            rpm: entry.rpm,
+            tpm: entry.tpm,
+            budget_usd_month: entry.budget_usd_month,
+        },
+    ))
 }
 
 /// Authenticates the caller of every API route and checks that its roles grant the
@@ -331,7 +348,7 @@ async fn fallback(uri: axum::http::Uri) -> problem::Problem {
 
 /// The HTTP API.
 pub fn api(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(routes::chat::completions))
         .route("/v1/models", get(routes::chat::models))
         .route("/v1/usage", get(routes::usage::usage))
@@ -381,12 +398,29 @@ pub fn api(state: AppState) -> Router {
             post(routes::keys::create).get(routes::keys::list),
         )
         .route("/v1/keys/{id}", axum::routing::delete(routes::keys::revoke))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(fallback)
+        // After authorisation: who the caller is, and fail-closed audit tenants.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_trail::admit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
+        // Around authentication, so that refusals are audited too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_trail::record,
+        ));
+    edge::apply(router, &state.http)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        // Outermost: every response, refusals included, says which config it saw.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::config::revision_header,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -399,6 +433,7 @@ pub struct Application {
     metrics: MetricsRegistry,
     grace: Duration,
     membership: Option<crewmesh_kit::membership::Membership>,
+    audit_trail: audit_trail::AuditTrail,
     _tls_reloader: crewmesh_kit::tasks::AbortOnDrop,
 }
 
@@ -445,6 +480,7 @@ impl Application {
             keys: key_source.ring().clone(),
             key_source,
             config_store,
+            config_docs: key_docs.clone(),
             tenant_policies,
             limiter: Arc::new(limits::Limiter::new(replica_count)),
             spend: Arc::new(limits::SpendCache::new(config.edge.spend_cache_ttl)),
@@ -458,8 +494,15 @@ impl Application {
             audit: peers.audit().map_err(startup)?,
             metrics: peers.metrics().map_err(startup)?,
             upstream_timeout: config.upstream_timeout,
+            http: Arc::new(config.edge.http.clone()),
+            audit_trail: audit_trail::AuditTrail::new(
+                peers
+                    .audit_client(Service::Gateway, &common.server, &metrics)
+                    .map_err(startup)?,
+            ),
             http_metrics: HttpMetrics::register(&metrics),
         };
+        let audit_trail = state.audit_trail.clone();
         let http = bind("HTTP API", config.http_addr).await?;
         let admin = bind("admin port", common.server.admin_addr).await?;
         Ok(Self {
@@ -468,6 +511,7 @@ impl Application {
             router: api(state),
             readiness,
             membership,
+            audit_trail,
             metrics,
             grace: common.server.grace(),
             _tls_reloader: tls_reloader,
@@ -527,6 +571,12 @@ impl Application {
                 service = "gateway",
                 "grace period elapsed; closing remaining connections"
             ),
+        }
+        if !self.audit_trail.flush(self.grace).await {
+            tracing::warn!(
+                service = "gateway",
+                "audit events not delivered at shutdown stay in the spool"
+            );
         }
         Ok(())
     }

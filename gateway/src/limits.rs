@@ -9,9 +9,13 @@
 //! goes into debt and is refused until the debt is refilled. A refusal is a `429`
 //! problem with `Retry-After`.
 //!
-//! Budgets compare the tenant's (and key's) spend this calendar month (UTC), from the
-//! metrics service, cached for a few seconds, with `budget_usd_month`; once reached,
-//! model calls get a `402` problem of type `budget-exhausted`.
+//! Budgets compare the tenant's spend this calendar month (UTC), from the metrics
+//! service, cached for a few seconds, with the tenant document's `budget_usd_month`;
+//! once reached, model calls get a `402` problem of type `budget-exhausted`. A key may
+//! have its own `budget_usd_month` (in its `apikey` document): its spend is the tenant's
+//! usage records whose subject is the key (`key:<id>`, the principal every mesh service
+//! records usage under), and once reached the key's model calls get a `402` problem of
+//! type `key-budget-exhausted` while the tenant's other keys go on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -42,6 +46,9 @@ pub struct TenantPolicy {
     pub tpm: Option<u64>,
     #[serde(default)]
     pub budget_usd_month: Option<f64>,
+    /// How the tenant's requests are audited (`best_effort` unless set).
+    #[serde(default)]
+    pub audit_mode: crate::audit_trail::AuditMode,
 }
 
 /// Tenant policies by tenant id, from the `_global` `tenant` documents of a snapshot.
@@ -58,6 +65,14 @@ pub fn tenant_policies(snapshot: &Snapshot) -> HashMap<String, TenantPolicy> {
             }
         })
         .collect()
+}
+
+/// The limits of the caller's own credential (an API key; OIDC tokens have none).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KeyLimits {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub budget_usd_month: Option<f64>,
 }
 
 /// What a request is limited by.
@@ -263,7 +278,7 @@ pub fn month_start(now: time::OffsetDateTime) -> time::OffsetDateTime {
         .replace_time(time::Time::MIDNIGHT)
 }
 
-/// The problem of an exhausted budget.
+/// The problem of an exhausted tenant budget.
 pub fn budget_exhausted(whose: &str, spend: f64, budget: f64) -> Problem {
     Problem::new(
         StatusCode::PAYMENT_REQUIRED,
@@ -271,6 +286,18 @@ pub fn budget_exhausted(whose: &str, spend: f64, budget: f64) -> Problem {
         "Budget exhausted",
         format!(
             "the monthly budget of {whose} (${budget:.2}) is used up: ${spend:.4} spent this month"
+        ),
+    )
+}
+
+/// The problem of an exhausted key budget: the tenant's other keys may go on.
+pub fn key_budget_exhausted(key: &str, spend: f64, budget: f64) -> Problem {
+    Problem::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "key-budget-exhausted",
+        "Key budget exhausted",
+        format!(
+            "the monthly budget of {key} (${budget:.2}) is used up: ${spend:.4} spent this month"
         ),
     )
 }
@@ -289,10 +316,19 @@ pub fn follow_policies(cache: &ConfigCache, target: Arc<ArcSwap<HashMap<String, 
     });
 }
 
-/// Month-to-date spend of the principal's tenant, from the cache or from metrics.
-async fn tenant_spend(state: &AppState, principal: &Principal) -> Result<f64, tonic::Status> {
-    let tenant = principal.tenant.as_str();
-    if let Some(s) = state.spend.get(tenant, Instant::now()) {
+/// Month-to-date spend of the principal's tenant, or with `of_subject` of the
+/// principal's own usage records only, from the cache or from metrics.
+async fn spend(
+    state: &AppState,
+    principal: &Principal,
+    of_subject: bool,
+) -> Result<f64, tonic::Status> {
+    let cache_key = if of_subject {
+        format!("k/{}/{}", principal.tenant, principal.subject)
+    } else {
+        format!("t/{}", principal.tenant)
+    };
+    if let Some(s) = state.spend.get(&cache_key, Instant::now()) {
         return Ok(s);
     }
     let from = month_start(time::OffsetDateTime::now_utc());
@@ -301,6 +337,11 @@ async fn tenant_spend(state: &AppState, principal: &Principal) -> Result<f64, to
             seconds: from.unix_timestamp(),
             nanos: 0,
         }),
+        subject: if of_subject {
+            principal.subject.clone()
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
     let mut call = with_principal(
@@ -318,16 +359,16 @@ async fn tenant_spend(state: &AppState, principal: &Principal) -> Result<f64, to
         .await?
         .into_inner()
         .total_cost_usd;
-    state.spend.put(tenant, spend, Instant::now());
+    state.spend.put(&cache_key, spend, Instant::now());
     Ok(spend)
 }
 
-/// Admits a model call under the tenant's and key's rates and the tenant's budget,
-/// or answers the refusal. `key_limits` are the key's (rpm, tpm).
+/// Admits a model call under the tenant's and key's rates and budgets, or answers the
+/// refusal.
 pub async fn check(
     state: &AppState,
     principal: &Principal,
-    key_limits: (Option<u64>, Option<u64>),
+    key_limits: KeyLimits,
 ) -> Result<(), Response> {
     let policies = state.tenant_policies.load();
     let policy = policies.get(principal.tenant.as_str());
@@ -335,15 +376,15 @@ pub async fn check(
         tenant: principal.tenant.as_str(),
         key: &principal.subject,
         tenant_policy: policy,
-        key_rpm: key_limits.0,
-        key_tpm: key_limits.1,
+        key_rpm: key_limits.rpm,
+        key_tpm: key_limits.tpm,
     };
     state
         .limiter
         .admit(&subject, Instant::now())
         .map_err(IntoResponse::into_response)?;
     if let Some(budget) = policy.and_then(|p| p.budget_usd_month) {
-        match tenant_spend(state, principal).await {
+        match spend(state, principal, false).await {
             Ok(spend) if spend >= budget => {
                 return Err(budget_exhausted(
                     &format!("tenant `{}`", principal.tenant),
@@ -359,6 +400,26 @@ pub async fn check(
                 code = ?status.code(),
                 tenant = %principal.tenant,
                 "cannot read the tenant's spend; admitting without the budget check"
+            ),
+        }
+    }
+    if let Some(budget) = key_limits.budget_usd_month {
+        match spend(state, principal, true).await {
+            Ok(spend) if spend >= budget => {
+                let key = principal
+                    .subject
+                    .strip_prefix("key:")
+                    .unwrap_or(&principal.subject);
+                return Err(
+                    key_budget_exhausted(&format!("key `{key}`"), spend, budget).into_response()
+                );
+            }
+            Ok(_) => {}
+            Err(status) => tracing::warn!(
+                code = ?status.code(),
+                tenant = %principal.tenant,
+                subject = %principal.subject,
+                "cannot read the key's spend; admitting without the budget check"
             ),
         }
     }
@@ -528,7 +589,8 @@ mod tests {
             TenantPolicy {
                 rpm: Some(60),
                 tpm: Some(1000),
-                budget_usd_month: Some(5.5)
+                budget_usd_month: Some(5.5),
+                ..Default::default()
             }
         );
     }

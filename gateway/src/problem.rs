@@ -20,7 +20,8 @@ impl std::ops::Deref for Problem {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
 pub struct ProblemBody {
     #[serde(rename = "type")]
     pub kind: String,
@@ -33,7 +34,7 @@ pub struct ProblemBody {
     pub error: OpenAiError,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct OpenAiError {
     pub message: String,
     #[serde(rename = "type")]

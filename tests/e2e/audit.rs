@@ -191,3 +191,392 @@ async fn audit_trail_verifies_and_exports_on_postgres() {
     trail_verifies_and_exports(&mesh).await;
     mesh.shutdown().await;
 }
+
+async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let resp = req.send().await.expect("gateway reachable");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+fn chat_as(mesh: &TestMesh, key: &str, request_id: &str) -> reqwest::RequestBuilder {
+    mesh.http
+        .post(mesh.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-request-id", request_id)
+        .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "a secret prompt"}]}))
+}
+
+/// The events of `tenant` in the mesh's SQLite audit database, read directly (the
+/// `_unauthenticated` tenant has no API caller).
+async fn stored_events(mesh: &TestMesh, tenant: &str) -> Vec<EventRecord> {
+    use crewmesh_audit::store::{AuditStore, Backend, EventQuery};
+    let db = crewmesh_kit::settings::DatabaseConfig {
+        url: format!(
+            "sqlite://{}?mode=rwc",
+            mesh.data_dir().join("audit.db").display()
+        ),
+        password_file: None,
+        max_connections: 1,
+    };
+    let store = Backend::connect(&db).await.unwrap();
+    let query = EventQuery::new("main", tenant, 1000);
+    let events = match &store {
+        Backend::Sqlite(s) => s.query(&query).await.unwrap(),
+        Backend::Postgres(s) => s.query(&query).await.unwrap(),
+    };
+    store.close().await;
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gateway_request_and_every_refusal_is_audited() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.api_key().to_owned();
+    let (s, v) = send(chat_as(&mesh, &admin, "req-audit-ok")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, viewer) = send(
+        mesh.http
+            .post(mesh.url("/v1/keys"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"roles": ["viewer"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{viewer}");
+    let viewer_key = viewer["key"].as_str().unwrap().to_owned();
+    let viewer_id = viewer["id"].as_str().unwrap().to_owned();
+    let (s, _) = send(chat_as(&mesh, &viewer_key, "req-audit-forbidden")).await;
+    assert_eq!(s, 403);
+    let bogus = "cm_0000000000000000000000000000000000000000000000000000000000000000";
+    let (s, _) = send(chat_as(&mesh, bogus, "req-audit-unknown-key")).await;
+    assert_eq!(s, 401);
+    let (s, _) = send(
+        mesh.http
+            .get(mesh.url("/nowhere"))
+            .header("x-request-id", "req-audit-404"),
+    )
+    .await;
+    assert_eq!(s, 404);
+
+    let by_request = |events: &serde_json::Value, id: &str| {
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["request_id"] == id)
+            .cloned()
+    };
+    let (ok, forbidden) = eventually(
+        "the gateway's events in the trail",
+        Duration::from_secs(10),
+        || async {
+            let events = mesh
+                .get_json("/v1/audit/events?action=http.models.invoke")
+                .await;
+            Some((
+                by_request(&events, "req-audit-ok")?,
+                by_request(&events, "req-audit-forbidden")?,
+            ))
+        },
+    )
+    .await;
+    assert_eq!(ok["tenant"], "default", "{ok}");
+    assert_eq!(ok["actor"]["subject"], "key:bootstrap", "{ok}");
+    assert_eq!(
+        ok["actor"]["service"], "spiffe://crewmesh.local/gateway",
+        "{ok}"
+    );
+    assert_eq!(ok["outcome"], "success", "{ok}");
+    assert_eq!(ok["resource"]["kind"], "route");
+    assert_eq!(ok["resource"]["name"], "/v1/chat/completions");
+    assert_eq!(ok["details"]["method"], "POST");
+    assert_eq!(ok["details"]["status"], 200);
+    assert_eq!(ok["details"]["permission"], "models:invoke");
+    assert_eq!(ok["trace_id"].as_str().unwrap().len(), 32, "{ok}");
+    assert_eq!(forbidden["tenant"], "default");
+    assert_eq!(
+        forbidden["actor"]["subject"],
+        format!("key:{viewer_id}"),
+        "{forbidden}"
+    );
+    assert_eq!(forbidden["outcome"], "denied");
+    assert_eq!(forbidden["details"]["status"], 403);
+    assert_eq!(
+        forbidden["details"]["reason"],
+        "the roles (viewer) do not grant models:invoke"
+    );
+    // No prompt text and no credential anywhere in the trail.
+    let export = get(&mesh, "/v1/audit/export?format=jsonl")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!export.contains("a secret prompt"));
+    assert!(!export.contains(&viewer_key) && !export.contains(&admin));
+
+    // A caller without a valid credential is recorded under `_unauthenticated`.
+    let unauthenticated = eventually(
+        "the refused callers' events",
+        Duration::from_secs(10),
+        || async {
+            let events = stored_events(&mesh, "_unauthenticated").await;
+            let find = |id: &str| events.iter().find(|e| e.request_id == id).cloned();
+            Some((find("req-audit-unknown-key")?, find("req-audit-404")?))
+        },
+    )
+    .await;
+    let (unknown, unrouted) = unauthenticated;
+    assert_eq!(unknown.action, "http.models.invoke");
+    assert_eq!(unknown.outcome, 2);
+    assert_eq!(unknown.actor_subject, "");
+    let details: serde_json::Value = serde_json::from_str(&unknown.details_json).unwrap();
+    assert_eq!(details["status"], 401);
+    assert_eq!(details["reason"], "the API key is not valid");
+    assert!(!unknown.details_json.contains(bogus));
+    assert_eq!(unrouted.action, "http.unrouted");
+    assert_eq!(unrouted.outcome, 3);
+    assert_eq!(unrouted.resource_name, "/nowhere");
+
+    let v = mesh.get_json("/v1/audit/verify").await;
+    assert_eq!(v["ok"], true, "{v}");
+    mesh.shutdown().await;
+}
+
+/// Another gateway of `mesh`, whose audit peer is `audit` and whose spool (if any)
+/// lives in `state_dir`; stopped when the returned sender is dropped or sent.
+async fn extra_gateway(
+    mesh: &TestMesh,
+    audit: &str,
+    state_dir: Option<std::path::PathBuf>,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    use crewmesh_kit::mesh::Service;
+    use crewmesh_kit::settings::{CommonConfig, PeersConfig, Secret, ServerConfig};
+    let mut peers = PeersConfig::default();
+    for svc in [
+        Service::Router,
+        Service::AgentRuntime,
+        Service::Metrics,
+        Service::Config,
+    ] {
+        peers.set(svc, mesh.grpc_addr(svc));
+    }
+    peers.set(Service::Audit, audit.to_owned());
+    let config = crewmesh_gateway::GatewayConfig {
+        common: CommonConfig {
+            trust_domain: mesh.state().trust_domain.clone(),
+            server: ServerConfig {
+                grpc_addr: None,
+                state_dir,
+                ..ServerConfig::loopback()
+            },
+            tls: mesh.tls_files("gateway"),
+            telemetry: Default::default(),
+            peers,
+        },
+        http_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        bootstrap_api_key: Some(Secret::new(mesh.api_key().to_owned())),
+        upstream_timeout: Duration::from_secs(30),
+        edge: crewmesh_gateway::EdgeConfig {
+            config_refresh: Duration::from_millis(100),
+            ..Default::default()
+        },
+    };
+    let app =
+        crewmesh_gateway::Application::build(config, crewmesh_kit::observe::MetricsRegistry::new())
+            .await
+            .expect("the extra gateway starts");
+    let url = format!("http://{}", app.http_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+/// Writes the `_global` tenant document of `tenant` as the cli identity.
+async fn put_tenant(mesh: &TestMesh, tenant: &str, spec: serde_json::Value) {
+    use crewmesh_proto::config::v1 as cfg;
+    let mut config = cfg::config_service_client::ConfigServiceClient::new(
+        mesh.channel_as(crewmesh_kit::mesh::Service::Config, mesh.tls_files("cli")),
+    );
+    config
+        .put(cfg::PutRequest {
+            scope: cfg::Scope::Global as i32,
+            kind: cfg::Kind::Tenant as i32,
+            name: tenant.into(),
+            spec_json: spec.to_string(),
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+}
+
+fn chat_at(http: &reqwest::Client, gateway: &str, key: &str) -> reqwest::RequestBuilder {
+    http.post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_durable() {
+    let mesh = TestMesh::start().await;
+    let admin = mesh.api_key().to_owned();
+    put_tenant(
+        &mesh,
+        "acme",
+        serde_json::json!({"audit_mode": "fail_closed"}),
+    )
+    .await;
+    put_tenant(
+        &mesh,
+        "globex",
+        serde_json::json!({"audit_mode": "best_effort"}),
+    )
+    .await;
+    let mut keys = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let (s, k) = send(
+            mesh.http
+                .post(mesh.url("/v1/keys"))
+                .bearer_auth(&admin)
+                .json(&serde_json::json!({"tenant": tenant, "roles": ["admin"]})),
+        )
+        .await;
+        assert_eq!(s, 201, "{k}");
+        keys.push(k["key"].as_str().unwrap().to_owned());
+    }
+    let (acme, globex) = (keys[0].clone(), keys[1].clone());
+    let gateway = mesh.state().gateway_url.clone();
+
+    // Audit healthy: both tenants are served, and acme's request has a durable intent
+    // record before its outcome record.
+    let (s, v) =
+        send(chat_at(&mesh.http, &gateway, &acme).header("x-request-id", "req-acme-1")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = send(chat_at(&mesh.http, &gateway, &globex)).await;
+    assert_eq!(s, 200, "{v}");
+    let events = eventually("acme's two records", Duration::from_secs(10), || async {
+        let (_, events) = send(
+            mesh.http
+                .get(mesh.url("/v1/audit/events?action=http.models.invoke"))
+                .bearer_auth(&acme),
+        )
+        .await;
+        let mine: Vec<serde_json::Value> = events["data"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["request_id"] == "req-acme-1")
+            .cloned()
+            .collect();
+        (mine.len() == 2).then_some(mine)
+    })
+    .await;
+    // Newest first: the outcome, then the intent.
+    assert_eq!(events[0]["outcome"], "success", "{events:?}");
+    assert_eq!(events[0]["details"]["status"], 200);
+    assert_eq!(events[1]["outcome"], "unspecified", "{events:?}");
+    assert_eq!(events[1]["details"]["phase"], "intent");
+    assert!(events[1]["sequence"].as_u64() < events[0]["sequence"].as_u64());
+    let v = mesh.get_json("/v1/audit/verify").await;
+    assert_eq!(v["ok"], true, "{v}");
+
+    // A gateway that can neither reach audit nor spool: acme is refused and nothing is
+    // done; globex is still served.
+    let (cut_off, stop) = extra_gateway(&mesh, "127.0.0.1:1", None).await;
+    let (s, v) = eventually(
+        "the extra gateway to know globex's key",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = send(chat_at(&mesh.http, &cut_off, &globex)).await;
+            (s != 401).then_some((s, v))
+        },
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, p) = eventually(
+        "acme's policy on the extra gateway",
+        Duration::from_secs(10),
+        || async {
+            let (s, p) = send(chat_at(&mesh.http, &cut_off, &acme)).await;
+            (s != 401).then_some((s, p))
+        },
+    )
+    .await;
+    assert_eq!(s, 503, "{p}");
+    assert_eq!(p["type"], "https://crewmesh.dev/problems/audit-unavailable");
+    assert!(
+        p["detail"].as_str().unwrap().starts_with(
+            "tenant `acme` requires every request to be audited durably before it is carried out"
+        ),
+        "{p}"
+    );
+    let _ = stop.send(());
+    // The refused call never reached the router: the next model call of acme is its
+    // second `model.complete`.
+    let (s, _) = send(chat_at(&mesh.http, &gateway, &acme)).await;
+    assert_eq!(s, 200);
+    eventually(
+        "acme's second model call",
+        Duration::from_secs(10),
+        || async {
+            let (_, events) = send(
+                mesh.http
+                    .get(mesh.url("/v1/audit/events?action=model.complete"))
+                    .bearer_auth(&acme),
+            )
+            .await;
+            let n = events["data"].as_array()?.len();
+            assert!(n <= 2, "{events}");
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Without a spool but with audit up, the intent record is acknowledged by audit
+    // before the request is carried out.
+    let audit = mesh.grpc_addr(crewmesh_kit::mesh::Service::Audit);
+    let (direct, stop) = extra_gateway(&mesh, &audit, None).await;
+    let (s, v) = eventually(
+        "acme's key on the spool-less gateway",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) =
+                send(chat_at(&mesh.http, &direct, &acme).header("x-request-id", "req-acme-direct"))
+                    .await;
+            (s != 401).then_some((s, v))
+        },
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let _ = stop.send(());
+    let (_, events) = send(
+        mesh.http
+            .get(mesh.url("/v1/audit/events?action=http.models.invoke"))
+            .bearer_auth(&acme),
+    )
+    .await;
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["request_id"] == "req-acme-direct" && e["details"]["phase"] == "intent"),
+        "the intent record is in the chain as soon as the request is served: {events}"
+    );
+
+    // With a spool, audit being down is not a reason to refuse: the intent record is
+    // synced to the local spool first.
+    let spool = tempfile::tempdir().unwrap();
+    let (spooled, stop) = extra_gateway(&mesh, "127.0.0.1:1", Some(spool.path().to_owned())).await;
+    let (s, v) = eventually(
+        "acme's key on the spooling gateway",
+        Duration::from_secs(10),
+        || async {
+            let (s, v) = send(chat_at(&mesh.http, &spooled, &acme)).await;
+            (s != 401).then_some((s, v))
+        },
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let _ = stop.send(());
+    mesh.shutdown().await;
+}

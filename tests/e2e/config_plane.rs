@@ -575,10 +575,13 @@ async fn cli_applies_a_directory_with_a_dry_run_and_evaluates_flags() {
     let mesh = tokio::task::spawn_blocking(move || {
         let (ok, out, err) = cli(&mesh, &["config", "apply", "-f", &path, "--dry-run"]);
         assert!(ok, "{err}");
-        assert_eq!(
-            out,
-            "create    flag/cli-flag (global)\ncreate    model/cli-alias (global)\ndry run: nothing written\n"
+        assert!(
+            out.starts_with(
+                "create    flag/cli-flag (global)\ncreate    model/cli-alias (global)\ndry run: 2 documents checked by the server at revision "
+            ),
+            "{out}"
         );
+        assert!(out.ends_with("; nothing written\n"), "{out}");
         let (ok, _, err) = cli(&mesh, &["config", "get", "flag", "cli-flag", "--global"]);
         assert!(!ok);
         assert_eq!(
@@ -610,5 +613,377 @@ async fn cli_applies_a_directory_with_a_dry_run_and_evaluates_flags() {
     })
     .await
     .unwrap();
+    mesh.shutdown().await;
+}
+
+fn revision_of(headers: &reqwest::header::HeaderMap) -> i64 {
+    headers
+        .get("x-crewmesh-config-revision")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no x-crewmesh-config-revision in {headers:?}"))
+}
+
+#[tokio::test]
+async fn every_gateway_response_names_the_config_revision_it_has_synced() {
+    use reqwest::Method;
+    let mesh = TestMesh::start().await;
+    let (status, headers, _) = send(&mesh, Method::GET, "/v1/models", &[], None).await;
+    assert_eq!(status, 200);
+    let before = revision_of(&headers);
+    assert!(before > 0);
+    // A change of a kind the gateway does not keep (a flag) still moves the revision
+    // of its last confirmed sync: the next responses carry it once it has seen it.
+    let (status, _, doc) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/flag/revision-probe?scope=global",
+        &[],
+        Some(serde_json::json!({"variants": {"on": true}, "default_variant": "on"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{doc}");
+    let written = doc["version"].as_i64().unwrap();
+    assert!(written > before);
+    eventually(
+        "the gateway to report the write's revision",
+        Duration::from_secs(10),
+        || async {
+            let (_, headers, _) = send(&mesh, Method::GET, "/v1/models", &[], None).await;
+            (revision_of(&headers) >= written).then_some(())
+        },
+    )
+    .await;
+    // Refusals and unknown routes carry it too.
+    let resp = mesh.http.get(mesh.url("/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(revision_of(resp.headers()) >= written);
+    let (status, headers, _) = send(&mesh, Method::GET, "/v1/nowhere", &[], None).await;
+    assert_eq!(status, 404);
+    assert!(revision_of(&headers) >= written);
+    mesh.shutdown().await;
+}
+
+/// One chat completion for `model` on behalf of `user`: its status and deployment.
+async fn chat_as(mesh: &TestMesh, model: &str, user: &str) -> (u16, String) {
+    let resp = mesh
+        .http
+        .post(mesh.url("/v1/chat/completions"))
+        .bearer_auth(mesh.api_key())
+        .json(&serde_json::json!({
+            "model": model,
+            "user": user,
+            "messages": [{"role": "user", "content": "which variant?"}],
+        }))
+        .send()
+        .await
+        .expect("gateway reachable");
+    let status = resp.status().as_u16();
+    let deployment = resp
+        .headers()
+        .get("x-crewmesh-deployment")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    (status, deployment)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_splits_a_model_alias_between_variants_and_a_flip_applies_to_the_next_requests() {
+    use reqwest::Method;
+    let mesh = Arc::new(TestMesh::start().await);
+    let flag = |small: u32| {
+        serde_json::json!({
+            "variants": {"small": "small", "large": "large"},
+            "default_variant": "small",
+            "rollout": [{"variant": "small", "weight": small}, {"variant": "large", "weight": 100 - small}],
+        })
+    };
+    // The flag first: a model may only name a flag that exists.
+    let (status, _, body) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/flag/ab-model-variant?scope=global",
+        &[],
+        Some(flag(50)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let model = serde_json::json!({
+        "deployments": [{"name": "default", "provider": "simulated", "model": "sim-small"}],
+        "flag": "ab-model-variant",
+        "variants": {
+            "small": {"deployments": [{"name": "v-small", "provider": "simulated", "model": "sim-small"}]},
+            "large": {"deployments": [{"name": "v-large", "provider": "simulated", "model": "sim-large"}]},
+        },
+    });
+    let (status, _, body) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/model/ab-model?scope=global",
+        &[],
+        Some(model),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // A flag value that names no variant of the model is refused.
+    let (status, _, body) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/flag/ab-model-variant?scope=global",
+        &[],
+        Some(serde_json::json!({"variants": {"small": "small", "huge": "huge"}, "default_variant": "small"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["detail"],
+        r#"invalid flag spec: variants.huge: the value "huge" names no variant of model _global/model/ab-model, which this flag chooses variants for"#
+    );
+
+    let expected = |user: &str| {
+        if crewmesh_kit::flags::bucket("ab-model-variant", user) < 5000 {
+            "v-small"
+        } else {
+            "v-large"
+        }
+    };
+    eventually(
+        "the router to serve ab-model",
+        Duration::from_secs(15),
+        || async {
+            let (status, dep) = chat_as(&mesh, "ab-model", "u0").await;
+            (status == 200 && dep == expected("u0")).then_some(())
+        },
+    )
+    .await;
+    // Each targeting key lands on its bucket's variant, every time; both are used.
+    let users: Vec<String> = (0..16).map(|i| format!("u{i}")).collect();
+    let mut used = std::collections::BTreeSet::new();
+    for user in &users {
+        for _ in 0..2 {
+            let (status, dep) = chat_as(&mesh, "ab-model", user).await;
+            assert_eq!((status, dep.as_str()), (200, expected(user)), "{user}");
+        }
+        used.insert(expected(user));
+    }
+    assert_eq!(
+        used.len(),
+        2,
+        "16 users all hashed to one variant: {used:?}"
+    );
+
+    // Flip to 100% large while a user on small keeps sending: once large serves it,
+    // small never does again, and no request fails.
+    let on_small = users
+        .iter()
+        .find(|u| expected(u) == "v-small")
+        .unwrap()
+        .clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (mesh, stop, user) = (mesh.clone(), stop.clone(), on_small.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.push(chat_as(&mesh, "ab-model", &user).await);
+            }
+            seen
+        })
+    };
+    let (status, _, body) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/flag/ab-model-variant?scope=global",
+        &[],
+        Some(flag(0)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        "the flip to reach the router",
+        Duration::from_secs(15),
+        || async {
+            let (status, dep) = chat_as(&mesh, "ab-model", &on_small).await;
+            (status == 200 && dep == "v-large").then_some(())
+        },
+    )
+    .await;
+    // Every user is on large now (and the traffic keeps flowing meanwhile).
+    for user in &users {
+        assert_eq!(
+            chat_as(&mesh, "ab-model", user).await,
+            (200, "v-large".to_owned())
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = traffic.await.unwrap();
+    assert_switched(&seen, "v-small", "v-large");
+    // The flag cannot be deleted while the model uses it.
+    let (status, _, body) = send(
+        &mesh,
+        Method::DELETE,
+        "/v1/config/flag/ab-model-variant?scope=global",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["detail"],
+        "cannot delete _global/flag/ab-model-variant: still referenced by _global/model/ab-model (flag); change or delete those first"
+    );
+    Arc::try_unwrap(mesh)
+        .ok()
+        .expect("no other handle")
+        .shutdown()
+        .await;
+}
+
+/// A one-route OpenAI-compatible upstream that answers every chat completion with
+/// "ok" and keeps the `Authorization` header of each request.
+async fn recording_upstream() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then as much body as Content-Length says.
+                let (head_end, length) = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, length);
+                    }
+                };
+                while buf.len() < head_end + length {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                let auth = head
+                    .lines()
+                    .find(|l| l.to_lowercase().starts_with("authorization:"))
+                    .map(|l| l["authorization:".len()..].trim().to_owned())
+                    .unwrap_or_default();
+                record.lock().unwrap().push(auth);
+                let body = serde_json::json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "x",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                })
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_provider_key_is_stored_encrypted_and_used_by_the_router() {
+    use reqwest::Method;
+    let mesh = TestMesh::start().await;
+    let (url, seen) = recording_upstream().await;
+    let (status, _, doc) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/provider/keyed",
+        &[],
+        Some(serde_json::json!({"type": "openai", "base_url": url, "api_key": {"inline": "sk-e2e-inline-7"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{doc}");
+    // Never shown back: not in the write's answer, a read, or the audit trail.
+    assert!(
+        doc["spec"]["api_key"]["redacted"]
+            .as_str()
+            .unwrap()
+            .starts_with("encrypted with key ")
+    );
+    let (_, _, read) = send(&mesh, Method::GET, "/v1/config/provider/keyed", &[], None).await;
+    assert_eq!(read["spec"]["api_key"], doc["spec"]["api_key"]);
+    assert!(!read.to_string().contains("sk-e2e-inline-7"));
+
+    let (status, _, body) = send(
+        &mesh,
+        Method::PUT,
+        "/v1/config/model/keyed-model",
+        &[],
+        Some(serde_json::json!({"deployments": [{"provider": "keyed", "model": "x"}]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    eventually(
+        "the router to call the keyed upstream",
+        Duration::from_secs(15),
+        || async {
+            let resp = mesh.chat("keyed-model", "hi").await;
+            (resp.status().as_u16() == 200).then_some(())
+        },
+    )
+    .await;
+    let auths = seen.lock().unwrap().clone();
+    assert!(!auths.is_empty());
+    assert!(
+        auths.iter().all(|a| a == "Bearer sk-e2e-inline-7"),
+        "{auths:?}"
+    );
+    // The audit event of the write does not hold it either.
+    let event = eventually(
+        "the provider write in the audit trail",
+        Duration::from_secs(15),
+        || async {
+            let events = mesh.get_json("/v1/audit/events?action=config.put").await;
+            events["data"]
+                .as_array()?
+                .iter()
+                .find(|e| e["resource"]["kind"] == "provider" && e["resource"]["name"] == "keyed")
+                .cloned()
+        },
+    )
+    .await;
+    assert!(!event.to_string().contains("sk-e2e-inline-7"), "{event}");
+    // The embedded store on disk (database and write-ahead log) holds only the envelope.
+    let needle = b"sk-e2e-inline-7";
+    let mut files = 0;
+    for entry in std::fs::read_dir(mesh.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("config.db"))
+        {
+            files += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{}",
+                path.display()
+            );
+        }
+    }
+    assert!(files >= 1);
     mesh.shutdown().await;
 }

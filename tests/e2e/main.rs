@@ -5,9 +5,12 @@
 mod harness;
 
 mod audit;
+mod audit_durability;
+mod bench;
 mod cli;
 mod config_errors;
 mod config_plane;
+mod faults;
 mod gateway_auth;
 mod gateway_errors;
 mod health;
@@ -16,5 +19,6 @@ mod python;
 mod routing;
 mod shutdown;
 mod streaming;
+mod tenant_isolation;
 mod up_process;
 mod walking_skeleton;

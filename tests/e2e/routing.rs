@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::harness::{TestMesh, eventually};
 
-fn principal() -> Principal {
+pub(crate) fn principal() -> Principal {
     Principal {
         tenant: TenantId::parse("default").expect("tenant"),
         subject: "key:routing-e2e".into(),
@@ -24,7 +24,7 @@ fn principal() -> Principal {
 
 /// Writes a global model document as the operator CLI and waits until the router
 /// serves the alias.
-async fn put_model(
+pub(crate) async fn put_model(
     mesh: &TestMesh,
     router: &mut RouterServiceClient<Channel>,
     name: &str,
@@ -61,11 +61,11 @@ async fn put_model(
     .await;
 }
 
-fn router(mesh: &TestMesh) -> RouterServiceClient<Channel> {
+pub(crate) fn router(mesh: &TestMesh) -> RouterServiceClient<Channel> {
     RouterServiceClient::new(mesh.channel_as(Service::Router, mesh.tls_files("gateway")))
 }
 
-fn request(model: &str, text: &str, request_id: &str) -> pb::CompleteRequest {
+pub(crate) fn request(model: &str, text: &str, request_id: &str) -> pb::CompleteRequest {
     pb::CompleteRequest {
         model: model.into(),
         messages: vec![pb::ChatMessage {

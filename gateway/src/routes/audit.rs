@@ -18,8 +18,9 @@ use crate::AppState;
 use crate::extract::Authed;
 use crate::problem::Problem;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
     from: Option<String>,
     to: Option<String>,
@@ -132,8 +133,9 @@ fn event_filter(p: &AuditParams) -> Result<pb::EventFilter, Problem> {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ExportParams {
     format: Option<String>,
     from: Option<String>,
@@ -192,8 +194,9 @@ pub async fn export(
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct VerifyParams {
     from_sequence: Option<u64>,
 }
@@ -232,8 +235,9 @@ pub async fn verify(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageParams {
     page_size: Option<u32>,
     page_token: Option<String>,
@@ -321,8 +325,9 @@ pub async fn public_key(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReportParams {
     from: Option<String>,
     to: Option<String>,

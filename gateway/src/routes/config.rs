@@ -9,16 +9,21 @@
 //! | `DELETE /v1/config/{kind}/{name}` | delete; optional `If-Match` |
 //! | `GET /v1/config/{kind}/{name}/history` | earlier versions, newest first |
 //! | `POST /v1/config/{kind}/{name}/rollback` | `{"to_version": N}`: writes version N again as a new version |
-//! | `POST /v1/config/apply` | several puts and deletes, all or nothing |
+//! | `POST /v1/config/apply` | several puts and deletes, all or nothing; `"dry_run": true` checks everything and writes nothing |
 //!
 //! `?scope=global` addresses `_global` documents (admins); the default is the caller's
 //! tenant. Reads need `config:read`, writes `config:write` (admin, operator).
+//!
+//! Every response of the gateway (not only these routes) carries
+//! `x-crewmesh-config-revision`: the config store revision of the gateway's last
+//! confirmed config sync (see [`revision_header`]).
 
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::with_principal;
 use crewmesh_kit::principal::Principal;
@@ -31,6 +36,23 @@ use super::rfc3339;
 use crate::AppState;
 use crate::extract::{Authed, JsonBody};
 use crate::problem::Problem;
+
+/// The response header naming the config revision the gateway last synced to.
+pub const REVISION_HEADER: &str = "x-crewmesh-config-revision";
+
+/// Sets [`REVISION_HEADER`] on a response: the store revision up to which this
+/// gateway's config cache has confirmed it is current (absent before the first
+/// snapshot). A client that wrote a document at version N and sees a revision >= N
+/// knows this gateway has seen the change.
+pub async fn revision_header(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let revision = state.config_docs.confirmed_revision();
+    if revision > 0 {
+        resp.headers_mut()
+            .insert(REVISION_HEADER, HeaderValue::from(revision));
+    }
+    resp
+}
 
 /// Deadline of one config call.
 const CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -339,9 +361,12 @@ pub async fn rollback(
 #[serde(deny_unknown_fields)]
 pub struct ApplyBody {
     operations: Vec<ApplyItem>,
+    /// Check everything, write nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, tag = "op", rename_all = "lowercase")]
 pub enum ApplyItem {
     Put {
@@ -369,7 +394,7 @@ pub async fn apply(
     JsonBody(body): JsonBody<ApplyBody>,
 ) -> Result<Json<Value>, Problem> {
     let mut operations = Vec::with_capacity(body.operations.len());
-    for (i, item) in body.operations.into_iter().enumerate() {
+    for (i, item) in body.operations.iter().cloned().enumerate() {
         let at = |p: Problem| Problem::bad_request(format!("operations[{i}]: {}", p.detail));
         let op = match item {
             ApplyItem::Put {
@@ -402,11 +427,18 @@ pub async fn apply(
     let resp = state
         .config_store
         .clone()
-        .apply(call(pb::ApplyRequest { operations }, &principal))
+        .apply(call(
+            pb::ApplyRequest {
+                operations,
+                validate_only: body.dry_run,
+            },
+            &principal,
+        ))
         .await?
         .into_inner();
     Ok(Json(json!({
         "revision": resp.revision,
+        "dry_run": body.dry_run,
         "data": resp.documents.iter().map(document_json).collect::<Vec<_>>(),
     })))
 }

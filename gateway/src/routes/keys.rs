@@ -18,7 +18,7 @@ use crate::auth::{ApiKeySpec, DEFAULT_TENANT, KeyEntry, digest, generate_key};
 use crate::extract::{Authed, JsonBody};
 use crate::problem::Problem;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     #[serde(default)]
@@ -33,13 +33,17 @@ pub struct CreateKey {
     rpm: Option<u64>,
     #[serde(default)]
     tpm: Option<u64>,
+    /// Spend limit of the key per calendar month (UTC), besides the tenant's budget.
+    #[serde(default)]
+    budget_usd_month: Option<f64>,
     /// Another tenant; only for platform admins (admins of tenant `default`).
     #[serde(default)]
     tenant: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TenantParam {
     tenant: Option<String>,
 }
@@ -114,6 +118,7 @@ fn key_json(doc: &pb::Document, spec: &ApiKeySpec) -> serde_json::Value {
         "expired": expired,
         "rpm": spec.rpm,
         "tpm": spec.tpm,
+        "budget_usd_month": spec.budget_usd_month,
         "description": spec.description,
         "created_at": spec.created_at,
         "created_by": spec.created_by,
@@ -144,6 +149,14 @@ pub async fn create(
     if body.description.as_ref().is_some_and(|d| d.len() > 512) {
         return Err(Problem::bad_request("description: at most 512 characters"));
     }
+    if body
+        .budget_usd_month
+        .is_some_and(|b| !b.is_finite() || b < 0.0)
+    {
+        return Err(Problem::bad_request(
+            "budget_usd_month: must be a non-negative number of US dollars",
+        ));
+    }
     let expires_at = expiry(&body)?;
     let key = generate_key();
     let id = format!("key-{}", hex::encode(rand::random::<[u8; 8]>()));
@@ -154,6 +167,7 @@ pub async fn create(
         expires_at,
         rpm: body.rpm,
         tpm: body.tpm,
+        budget_usd_month: body.budget_usd_month,
         description: body.description,
         created_at: Some(now_rfc3339()),
         created_by: Some(caller.subject.clone()),

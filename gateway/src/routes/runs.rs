@@ -14,7 +14,7 @@ use crate::problem::Problem;
 
 /// Either `agent` (a configured agent's name) or an inline agent (`model`, optional
 /// `system_prompt`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRun {
     agent: Option<String>,

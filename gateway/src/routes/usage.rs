@@ -12,8 +12,9 @@ use crate::AppState;
 use crate::extract::Authed;
 use crate::problem::Problem;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UsageParams {
     from: Option<String>,
     to: Option<String>,

@@ -1,14 +1,15 @@
 //! Sustained append into PostgreSQL (validation, redaction, hashing, one transaction
 //! per batch) with a batch-size sweep, and the verify rate, on a PostgreSQL started
 //! for the run. `cargo bench -p crewmesh-audit --bench append`; set
-//! `AUDIT_BENCH_EVENTS` to change the events per configuration (default 100000).
+//! `AUDIT_BENCH_EVENTS` to change the events per configuration (default 100000), and
+//! `AUDIT_BENCH_SKIP_APPEND` to measure verification only.
 
 use std::time::{Duration, Instant};
 
-use crewmesh_audit::checkpoint::{Checkpointer, Signer};
+use crewmesh_audit::checkpoint::{CheckpointRecord, Checkpointer, Signer};
 use crewmesh_audit::event::{DEFAULT_CHAIN, NewEvent};
 use crewmesh_audit::store::{AuditStore, PgAuditStore};
-use crewmesh_audit::verify::{Verifier, verify_chain};
+use crewmesh_audit::verify::{Verifier, verify_chain, verify_chain_reading};
 use crewmesh_kit::settings::DatabaseConfig;
 use crewmesh_proto::audit::v1 as pb;
 use crewmesh_proto::types::v1::Outcome;
@@ -36,6 +37,69 @@ fn input(n: u64) -> pb::EventInput {
             r#"{{"deployment":"sim","prompt_tokens":{},"completion_tokens":12,"latency_ms":3,"api_key":"sk-x"}}"#,
             n % 1000
         ),
+    }
+}
+
+/// The PostgreSQL store reading the chain as it did before: row decoding, pages
+/// bounded by a LIMIT only; for the side-by-side verify measurement.
+#[derive(Clone)]
+struct RowsStore(PgAuditStore);
+
+impl AuditStore for RowsStore {
+    async fn append(
+        &self,
+        chain: &str,
+        events: Vec<NewEvent>,
+    ) -> crewmesh_audit::Result<crewmesh_audit::store::AppendOutcome> {
+        self.0.append(chain, events).await
+    }
+    async fn query(
+        &self,
+        query: &crewmesh_audit::store::EventQuery,
+    ) -> crewmesh_audit::Result<Vec<crewmesh_audit::EventRecord>> {
+        self.0.query(query).await
+    }
+    async fn chain_events(
+        &self,
+        chain: &str,
+        after: i64,
+        limit: u32,
+    ) -> crewmesh_audit::Result<Vec<crewmesh_audit::EventRecord>> {
+        self.0.chain_events(chain, after, limit).await
+    }
+    // `chain_range` is the trait's default: `chain_events` (rows, no upper bound).
+    async fn chain_head(&self, chain: &str) -> crewmesh_audit::Result<Option<(i64, String)>> {
+        self.0.chain_head(chain).await
+    }
+    async fn insert_checkpoint(&self, c: &CheckpointRecord) -> crewmesh_audit::Result<bool> {
+        self.0.insert_checkpoint(c).await
+    }
+    async fn checkpoints(
+        &self,
+        chain: &str,
+        after: i64,
+        limit: u32,
+    ) -> crewmesh_audit::Result<Vec<CheckpointRecord>> {
+        self.0.checkpoints(chain, after, limit).await
+    }
+    async fn last_checkpoint_sequence(&self, chain: &str) -> crewmesh_audit::Result<i64> {
+        self.0.last_checkpoint_sequence(chain).await
+    }
+    async fn checkpoint_before(
+        &self,
+        chain: &str,
+        time_micros: i64,
+    ) -> crewmesh_audit::Result<Option<CheckpointRecord>> {
+        self.0.checkpoint_before(chain, time_micros).await
+    }
+    async fn last_cut(&self, chain: &str) -> crewmesh_audit::Result<Option<CheckpointRecord>> {
+        self.0.last_cut(chain).await
+    }
+    async fn retention_cut(&self, cut: &CheckpointRecord) -> crewmesh_audit::Result<u64> {
+        self.0.retention_cut(cut).await
+    }
+    async fn close(&self) {
+        self.0.close().await
     }
 }
 
@@ -115,16 +179,21 @@ async fn main() {
     );
     println!("| batch | writers | events/s | batch p50 | batch p99 |");
     println!("|---:|---:|---:|---:|---:|");
-    for (batch, writers) in [
-        (1, 1),
-        (10, 1),
-        (100, 1),
-        (500, 1),
-        (1000, 1),
-        (5000, 1),
-        (1000, 2),
-        (1000, 4),
-    ] {
+    let sweep: &[(u64, u64)] = if std::env::var_os("AUDIT_BENCH_SKIP_APPEND").is_some() {
+        &[]
+    } else {
+        &[
+            (1, 1),
+            (10, 1),
+            (100, 1),
+            (500, 1),
+            (1000, 1),
+            (5000, 1),
+            (1000, 2),
+            (1000, 4),
+        ]
+    };
+    for &(batch, writers) in sweep {
         let store = store(pg.create_database().await).await;
         let n = if batch == 1 {
             events / 20
@@ -157,7 +226,10 @@ async fn main() {
         checkpointer.checkpoint_now().await.expect("checkpoint");
     }
     let key = checkpointer.public_key();
-    let mut runs = Vec::new();
+    // End to end, side by side: the store as it reads now (binary COPY) and as it
+    // read before (row decoding), alternating runs.
+    let rows_store = RowsStore(store.clone());
+    let (mut runs, mut row_runs) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let t = Instant::now();
         let report = verify_chain(&store, DEFAULT_CHAIN, 0, Some(&key))
@@ -166,16 +238,88 @@ async fn main() {
         runs.push(t.elapsed());
         assert!(report.ok(), "{report:?}");
         assert_eq!(report.events_verified, events);
+        // As before: rows, the next page read while the current one is checked.
+        let t = Instant::now();
+        let report = verify_chain_reading(&rows_store, DEFAULT_CHAIN, 0, Some(&key), 1)
+            .await
+            .expect("verify");
+        row_runs.push(t.elapsed());
+        assert!(report.ok(), "{report:?}");
     }
-    runs.sort_unstable();
-    let median = percentile(&runs, 0.5);
-    println!(
-        "\nverify from PostgreSQL: {events} events, {} checkpoints: median {:.0} ms = {:.0} events/s (5 runs, slowest {:.0} ms)",
-        events / 1000,
-        median.as_secs_f64() * 1e3,
-        events as f64 / median.as_secs_f64(),
-        runs[runs.len() - 1].as_secs_f64() * 1e3
-    );
+    for (what, runs) in [
+        ("now: binary COPY, 3 pages in flight", &mut runs),
+        ("before: rows, 1 page in flight", &mut row_runs),
+    ] {
+        runs.sort_unstable();
+        let median = percentile(runs, 0.5);
+        println!(
+            "\nverify from PostgreSQL ({what}): {events} events, {} checkpoints: median {:.0} ms = {:.0} events/s (5 runs, slowest {:.0} ms)",
+            events / 1000,
+            median.as_secs_f64() * 1e3,
+            events as f64 / median.as_secs_f64(),
+            runs[runs.len() - 1].as_secs_f64() * 1e3
+        );
+    }
+
+    // Reading the chain alone, side by side, pages of 5000: rows through the driver
+    // after a sequence with a LIMIT (how verify read before) and binary COPY of a
+    // sequence range (how it reads now).
+    async fn read_all<F, Fut>(read: F) -> u64
+    where
+        F: Fn(i64) -> Fut,
+        Fut: std::future::Future<Output = Vec<crewmesh_audit::EventRecord>>,
+    {
+        let (mut after, mut n) = (0, 0);
+        loop {
+            let page = read(after).await;
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            n += page.len() as u64;
+        }
+        n
+    }
+    let by_rows = |after| {
+        let store = store.clone();
+        async move {
+            store
+                .chain_events(DEFAULT_CHAIN, after, 5000)
+                .await
+                .expect("read rows")
+        }
+    };
+    let by_copy = |after| {
+        let store = store.clone();
+        async move {
+            store
+                .chain_range(DEFAULT_CHAIN, after, after + 5000)
+                .await
+                .expect("read copy")
+        }
+    };
+    assert_eq!(by_rows(0).await, by_copy(0).await, "both reads agree");
+    let (mut rows, mut copies) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(read_all(by_rows).await, events);
+        rows.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(read_all(by_copy).await, events);
+        copies.push(t.elapsed());
+    }
+    rows.sort_unstable();
+    copies.sort_unstable();
+    for (what, runs) in [
+        ("before: rows, LIMIT pages", &rows),
+        ("now: binary COPY, range pages", &copies),
+    ] {
+        let median = percentile(runs, 0.5);
+        println!(
+            "read the chain from PostgreSQL ({what}): median {:.0} ms = {:.0} events/s (5 runs, slowest {:.0} ms)",
+            median.as_secs_f64() * 1e3,
+            events as f64 / median.as_secs_f64(),
+            runs[runs.len() - 1].as_secs_f64() * 1e3
+        );
+    }
 
     // The CPU part alone: re-hash and link events already in memory.
     let mut records = Vec::new();

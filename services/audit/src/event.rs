@@ -17,6 +17,9 @@ pub const SYSTEM_TENANT: &str = "_system";
 /// The owner of shared (global) resources, such as `_global` config documents.
 pub const GLOBAL_TENANT: &str = "_global";
 
+/// The tenant of events about requests whose caller could not be authenticated.
+pub const UNAUTHENTICATED_TENANT: &str = crewmesh_kit::clients::UNAUTHENTICATED_TENANT;
+
 /// `prev_hash` of the first event of a chain: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -80,7 +83,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// Checks a submitted event and converts it: the id must be a UUID, the tenant a
-    /// tenant id or `_system`, the action 1-128 characters of `[a-z0-9._-]`, the
+    /// tenant id, `_system`, `_global` or `_unauthenticated`, the action 1-128 characters of `[a-z0-9._-]`, the
     /// details empty or a JSON object, the time present and the outcome known.
     pub fn from_input(input: pb::EventInput) -> Result<Self, EventProblem> {
         let id = uuid::Uuid::parse_str(&input.id)
@@ -91,12 +94,13 @@ impl NewEvent {
             .to_string();
         if input.tenant != SYSTEM_TENANT
             && input.tenant != GLOBAL_TENANT
+            && input.tenant != UNAUTHENTICATED_TENANT
             && TenantId::parse(&input.tenant).is_err()
         {
             return Err(EventProblem::new(
                 "tenant",
                 format!(
-                    "`{}` is not a tenant id (1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit) nor `{SYSTEM_TENANT}` or `{GLOBAL_TENANT}`",
+                    "`{}` is not a tenant id (1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit) nor `{SYSTEM_TENANT}`, `{GLOBAL_TENANT}` or `{UNAUTHENTICATED_TENANT}`",
                     truncate(&input.tenant)
                 ),
             ));

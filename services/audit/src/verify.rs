@@ -12,7 +12,10 @@ use crate::event::{EventRecord, GENESIS_HASH, event_hash, hash_matches};
 use crate::store::AuditStore;
 
 /// Events read per round trip.
-const VERIFY_PAGE: u32 = 5000;
+pub(crate) const VERIFY_PAGE: u32 = 5000;
+
+/// Event pages read at the same time.
+const READ_AHEAD: usize = 3;
 
 /// Checkpoints read per round trip.
 const CHECKPOINT_PAGE: u32 = 1000;
@@ -68,6 +71,19 @@ pub async fn verify_chain<S: AuditStore>(
     from_sequence: i64,
     public_key: Option<&PublicKey>,
 ) -> Result<VerifyReport> {
+    verify_chain_reading(store, chain, from_sequence, public_key, READ_AHEAD).await
+}
+
+/// [`verify_chain`] with `read_ahead` pages read at the same time (at least 1: the
+/// next page is read while the current one is checked).
+pub async fn verify_chain_reading<S: AuditStore>(
+    store: &S,
+    chain: &str,
+    from_sequence: i64,
+    public_key: Option<&PublicKey>,
+    read_ahead: usize,
+) -> Result<VerifyReport> {
+    let read_ahead = read_ahead.max(1);
     let mut checkpoints = BTreeMap::new();
     let mut after = 0;
     loop {
@@ -92,30 +108,33 @@ pub async fn verify_chain<S: AuditStore>(
     {
         return Ok(verifier.report());
     }
-    // The next page is read while the current one is hashed.
-    let fetch = |after: i64| {
+    // Pages are sequence ranges of VERIFY_PAGE, `read_ahead` of them read at a time
+    // while the current one is hashed.
+    let fetch = |after: i64, upto: i64| {
         let (store, chain) = (store.clone(), chain.to_owned());
-        tokio::spawn(async move { store.chain_events(&chain, after, VERIFY_PAGE).await })
+        tokio::spawn(async move { store.chain_range(&chain, after, upto).await })
     };
-    let start = verifier.expected - 1;
-    let mut next = (start < head.0).then(|| fetch(start));
-    while let Some(pending) = next.take() {
-        let page = pending
+    let mut next_start = verifier.expected - 1;
+    let mut pending = std::collections::VecDeque::new();
+    let mut read_ahead = |pending: &mut std::collections::VecDeque<_>| {
+        while pending.len() < read_ahead && next_start < head.0 {
+            let upto = (next_start + i64::from(VERIFY_PAGE)).min(head.0);
+            pending.push_back((upto, fetch(next_start, upto)));
+            next_start = upto;
+        }
+    };
+    read_ahead(&mut pending);
+    while let Some((upto, page)) = pending.pop_front() {
+        read_ahead(&mut pending);
+        let page = page
             .await
             .map_err(|e| AuditError::Verify(e.to_string()))??;
-        let Some(last) = page.last() else { break };
-        if page.len() == VERIFY_PAGE as usize && last.sequence < head.0 {
-            next = Some(fetch(last.sequence));
-        }
-        let upto = page.partition_point(|e| e.sequence <= head.0);
-        if !verifier.events(&page[..upto]) {
-            if let Some(n) = next {
-                n.abort();
+        let end = page.partition_point(|e| e.sequence <= upto);
+        if !verifier.events(&page[..end]) {
+            for (_, p) in pending {
+                p.abort();
             }
             return Ok(verifier.report());
-        }
-        if upto < page.len() {
-            break;
         }
     }
     verifier.finish(&head);

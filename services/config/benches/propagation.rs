@@ -33,6 +33,7 @@ async fn run(label: &str, store: StoreConfig, pki: &TestPki) {
             peers: PeersConfig::default(),
         },
         store,
+        secrets_key_file: None,
     };
     let app = Application::build(config, MetricsRegistry::new())
         .await

@@ -59,12 +59,18 @@ impl Application {
         let tls = MeshTls::load(common.tls.clone())?;
         let reloader = tls.spawn_reloader(crewmesh_kit::tls::RELOAD_INTERVAL);
         let store = open_store(&config.store).await?;
+        let secrets = match &config.secrets_key_file {
+            Some(path) => Some(Arc::new(crate::secrets::SecretsKey::load(path)?)),
+            None => None,
+        };
         let audit = Peers::new(&common.trust_domain, common.peers.clone(), tls.clone())
             .audit_client(Service::Config, &common.server, &metrics)?;
         let mut server = MeshServer::bind(Service::Config, common, tls, metrics).await?;
         let (stop_watches, stopping) = tokio::sync::watch::channel(false);
         server.add_service(ConfigServiceServer::new(
-            ConfigApi::new(store.clone(), audit.clone()).with_stop_signal(stopping),
+            ConfigApi::new(store.clone(), audit.clone())
+                .with_secrets(secrets.clone())
+                .with_stop_signal(stopping),
         ));
         let readiness = server.readiness();
         tracing::info!(
@@ -72,6 +78,7 @@ impl Application {
             admin = %server.admin_addr(),
             store = store.backend(),
             audit = audit.is_some(),
+            secrets_key = secrets.as_ref().map(|k| k.id()),
             "config service built"
         );
         Ok(Self {

@@ -24,6 +24,12 @@ pub enum ConfigServiceError {
     PermissionDenied(String),
     #[error("document {0} not found")]
     NotFound(String),
+    /// The request is valid but the current documents do not allow it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A delete would leave other documents with a reference that resolves to nothing.
+    #[error("cannot delete {key}: still referenced by {}; change or delete those first", .referrers.join(", "))]
+    StillReferenced { key: String, referrers: Vec<String> },
     /// A compare-and-set lost.
     #[error("version conflict on {key}: expected {expected}, but {current}")]
     Conflict {
@@ -83,7 +89,9 @@ impl ServiceError for ConfigServiceError {
             ConfigServiceError::NotFound(_) => ErrorClass::NotFound,
             ConfigServiceError::Conflict { .. } => ErrorClass::Conflict,
             ConfigServiceError::Unavailable { .. } => ErrorClass::Unavailable,
-            ConfigServiceError::Compacted { .. } => ErrorClass::FailedPrecondition,
+            ConfigServiceError::Compacted { .. }
+            | ConfigServiceError::StillReferenced { .. }
+            | ConfigServiceError::FailedPrecondition(_) => ErrorClass::FailedPrecondition,
             ConfigServiceError::Corrupt { .. }
             | ConfigServiceError::Database(_)
             | ConfigServiceError::Migrate(_)

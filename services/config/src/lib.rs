@@ -8,6 +8,10 @@
 //! - [`document`]: checked owners, kinds, names, keys and stored values.
 //! - [`spec`], [`schema`]: the checks a document body passes before it is written,
 //!   and the JSON Schema of every kind.
+//! - [`manifest`]: document files (JSON, multi-document YAML, directories) for
+//!   `crewmesh config apply|diff`, and the diff it prints.
+//! - [`references`]: references between documents, checked on every write and delete.
+//! - [`secrets`]: envelope encryption of inline provider secrets.
 //! - [`store`]: the [`store::ConfigStore`] trait and its etcd and embedded stores.
 //! - [`service`]: the gRPC handlers and who may read and write which scope.
 //! - [`watch`]: the `Watch` stream: a snapshot, then every change, with heartbeats.
@@ -17,7 +21,10 @@
 pub mod application;
 pub mod document;
 pub mod error;
+pub mod manifest;
+pub mod references;
 pub mod schema;
+pub mod secrets;
 pub mod service;
 pub mod settings;
 pub mod spec;

@@ -59,6 +59,12 @@ pub enum Schema {
         non_empty: bool,
     },
     Object(Vec<Field>),
+    /// An object whose keys are names (`[a-z0-9._-]`, starting with a letter or digit)
+    /// and whose values all match one schema.
+    Map {
+        values: Box<Schema>,
+        non_empty: bool,
+    },
     /// Any JSON value (checked elsewhere or free-form).
     Any,
     /// A string or null.
@@ -147,6 +153,69 @@ fn description() -> Field {
     opt("description", text(), "Free text for operators.")
 }
 
+/// The deployments of a model alias (or of one of its variants).
+fn deployments() -> Schema {
+    Schema::Array {
+        items: Box::new(Schema::Object(vec![
+            req("provider", string(), "Name of a provider document."),
+            req("model", string(), "The upstream's model name."),
+            opt(
+                "weight",
+                Schema::Num {
+                    min: 0.0,
+                    exclusive: true,
+                    max: None,
+                },
+                "Share of traffic for weighted strategies (default 1).",
+            ),
+            opt(
+                "name",
+                string(),
+                "Deployment name, unique in its deployment list (default <alias>/<index>, or <alias>/<variant>/<index> in a variant).",
+            ),
+            opt(
+                "priority",
+                Schema::Int {
+                    min: i64::from(i32::MIN),
+                },
+                "Lower is tried first by the priority strategy.",
+            ),
+            opt(
+                "input_price_per_1m",
+                non_negative(),
+                "USD per million prompt tokens.",
+            ),
+            opt(
+                "output_price_per_1m",
+                non_negative(),
+                "USD per million completion tokens.",
+            ),
+            opt(
+                "rpm",
+                count(1),
+                "Requests per minute this deployment accepts.",
+            ),
+            opt(
+                "tpm",
+                count(1),
+                "Tokens per minute this deployment accepts.",
+            ),
+            opt(
+                "quality_tier",
+                count(0),
+                "Higher is better, for cost-optimised routing.",
+            ),
+            opt(
+                "context_window",
+                count(0),
+                "Largest prompt+completion in tokens.",
+            ),
+            opt("tags", list(string()), "Free labels."),
+        ])),
+        non_empty: true,
+    }
+}
+
 /// The schema of a kind (`None` for `flag`, checked by the flag evaluator).
 pub fn schema_of(kind: DocKind) -> Option<Schema> {
     Some(match kind {
@@ -160,6 +229,11 @@ pub fn schema_of(kind: DocKind) -> Option<Schema> {
                 "base_url",
                 formatted(Format::HttpUrl),
                 "The upstream's base URL, e.g. https://api.openai.com/v1.",
+            ),
+            opt(
+                "api_key",
+                Schema::Any,
+                "Inline API key, {\"inline\": \"<secret>\"}: only when the config service has a secrets_key_file; stored encrypted (envelope, AES-256-GCM), never returned.",
             ),
             opt(
                 "api_key_env",
@@ -183,65 +257,7 @@ pub fn schema_of(kind: DocKind) -> Option<Schema> {
         DocKind::Model => Schema::Object(vec![
             req(
                 "deployments",
-                Schema::Array {
-                    items: Box::new(Schema::Object(vec![
-                        req("provider", string(), "Name of a provider document."),
-                        req("model", string(), "The upstream's model name."),
-                        opt(
-                            "weight",
-                            Schema::Num {
-                                min: 0.0,
-                                exclusive: true,
-                                max: None,
-                            },
-                            "Share of traffic for weighted strategies (default 1).",
-                        ),
-                        opt(
-                            "name",
-                            string(),
-                            "Deployment name, unique in the alias (default <alias>/<index>).",
-                        ),
-                        opt(
-                            "priority",
-                            Schema::Int {
-                                min: i64::from(i32::MIN),
-                            },
-                            "Lower is tried first by the priority strategy.",
-                        ),
-                        opt(
-                            "input_price_per_1m",
-                            non_negative(),
-                            "USD per million prompt tokens.",
-                        ),
-                        opt(
-                            "output_price_per_1m",
-                            non_negative(),
-                            "USD per million completion tokens.",
-                        ),
-                        opt(
-                            "rpm",
-                            count(1),
-                            "Requests per minute this deployment accepts.",
-                        ),
-                        opt(
-                            "tpm",
-                            count(1),
-                            "Tokens per minute this deployment accepts.",
-                        ),
-                        opt(
-                            "quality_tier",
-                            count(0),
-                            "Higher is better, for cost-optimised routing.",
-                        ),
-                        opt(
-                            "context_window",
-                            count(0),
-                            "Largest prompt+completion in tokens.",
-                        ),
-                        opt("tags", list(string()), "Free labels."),
-                    ])),
-                    non_empty: true,
-                },
+                deployments(),
                 "Where the alias can be served, tried per the strategy.",
             ),
             opt("owned_by", string(), "Shown in /v1/models."),
@@ -254,6 +270,31 @@ pub fn schema_of(kind: DocKind) -> Option<Schema> {
                 "fallback_models",
                 list(string()),
                 "Aliases tried when every deployment fails.",
+            ),
+            opt(
+                "variants",
+                Schema::Map {
+                    values: Box::new(Schema::Object(vec![
+                        req(
+                            "deployments",
+                            deployments(),
+                            "The deployments of this variant.",
+                        ),
+                        opt(
+                            "strategy",
+                            one_of(STRATEGIES),
+                            "How a deployment is chosen (default: the alias's strategy).",
+                        ),
+                        description(),
+                    ])),
+                    non_empty: true,
+                },
+                "Named deployment sets, one chosen per request by `flag` (A/B tests by percentage or tenant); `deployments` serve when the flag cannot choose.",
+            ),
+            opt(
+                "flag",
+                string(),
+                "Name of a flag (same tenant, else _global) whose string values name variants; evaluated per request with targetingKey = the request's user, else its tenant, and the attributes tenant, model and user. Required with variants.",
             ),
             opt(
                 "retry",
@@ -367,6 +408,11 @@ pub fn schema_of(kind: DocKind) -> Option<Schema> {
                 list(string()),
                 "Model aliases the tenant may call (absent: all).",
             ),
+            opt(
+                "audit_mode",
+                one_of(&["best_effort", "fail_closed"]),
+                "best_effort (default): requests are audited after the fact, never waiting for the audit trail; fail_closed: a request is carried out only once its audit record is durable, else refused with 503 audit-unavailable.",
+            ),
             description(),
         ]),
         DocKind::ApiKey => Schema::Object(vec![
@@ -391,6 +437,11 @@ pub fn schema_of(kind: DocKind) -> Option<Schema> {
             ),
             opt("rpm", count(1), "Requests per minute."),
             opt("tpm", count(1), "Tokens per minute."),
+            opt(
+                "budget_usd_month",
+                non_negative(),
+                "Spend limit of this key per calendar month (UTC), besides the tenant's.",
+            ),
             description(),
             opt(
                 "created_at",
@@ -476,6 +527,23 @@ pub fn check(schema: &Schema, value: &Value, path: &str, out: &mut Vec<SpecProbl
             }
         }
         (Schema::Object(fields), Value::Object(obj)) => check_object(fields, obj, path, out),
+        (Schema::Map { values, non_empty }, Value::Object(obj)) => {
+            if *non_empty && obj.is_empty() {
+                add("must not be empty".to_owned());
+            }
+            for (k, v) in obj {
+                let at = format!("{path}.{k}");
+                if !is_map_key(k) {
+                    out.push(SpecProblem {
+                        path: at.clone(),
+                        problem: format!(
+                            "{k:?} is not a valid name: use a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+                        ),
+                    });
+                }
+                check(values, v, &at, out);
+            }
+        }
         (schema, v) => add(format!(
             "must be {}, not {}",
             expected(schema),
@@ -577,6 +645,15 @@ fn check_format(format: Format, s: &str) -> Result<(), String> {
     }
 }
 
+/// A key of a [`Schema::Map`].
+fn is_map_key(k: &str) -> bool {
+    k.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && k.len() <= 64
+        && k.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
 fn expected(schema: &Schema) -> &'static str {
     match schema {
         Schema::Str { .. } | Schema::NullableStr(_) => "a string",
@@ -584,7 +661,7 @@ fn expected(schema: &Schema) -> &'static str {
         Schema::Num { .. } => "a number",
         Schema::Bool => "a boolean",
         Schema::Array { .. } => "an array",
-        Schema::Object(_) => "an object",
+        Schema::Object(_) | Schema::Map { .. } => "an object",
         Schema::Any => "any value",
     }
 }
@@ -664,6 +741,17 @@ fn to_json_schema(schema: &Schema) -> Value {
                 .map(|f| f.name)
                 .collect();
             json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+        }
+        Schema::Map { values, non_empty } => {
+            let mut o = json!({
+                "type": "object",
+                "propertyNames": {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+                "additionalProperties": to_json_schema(values),
+            });
+            if *non_empty {
+                o["minProperties"] = json!(1);
+            }
+            o
         }
         Schema::Any => json!({}),
     }

@@ -10,6 +10,7 @@
 //! | `SCOPE_GLOBAL` | anyone | principal with role admin, or the `cli` identity without a principal |
 //! | `SCOPE_ALL` | List only, callers without a principal (mesh services) | never |
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crewmesh_kit::authz::Caller;
@@ -27,6 +28,8 @@ use tonic::{Request, Response, Status};
 
 use crate::document::{DocKey, DocKind, DocName, DocValue, Owner};
 use crate::error::{ConfigServiceError, Result};
+use crate::references::View;
+use crate::secrets::{Reveal, SecretsKey, present, seal_inline};
 use crate::spec::parse_spec;
 use crate::store::{ApplyOp, ListFilter, ListQuery, SharedStore};
 
@@ -37,6 +40,8 @@ pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// The workload name of the operator CLI's certificate.
 pub const CLI_IDENTITY: &str = "cli";
+/// The workload that may read provider secrets decrypted.
+pub const ROUTER_IDENTITY: &str = "router";
 
 /// Who is calling: the end user the call acts for (if any) and the calling workload.
 #[derive(Debug, Clone, Default)]
@@ -184,6 +189,8 @@ fn now_micros() -> i64 {
 pub struct ConfigApi {
     store: SharedStore,
     audit: Option<AuditClient>,
+    /// Encrypts inline provider secrets; `None`: they are refused.
+    secrets: Option<Arc<SecretsKey>>,
     /// Becomes true when the service shuts down: open watches end so that the
     /// server can drain.
     stopping: tokio::sync::watch::Receiver<bool>,
@@ -196,7 +203,29 @@ impl ConfigApi {
         Self {
             store,
             audit,
+            secrets: None,
             stopping,
+        }
+    }
+
+    /// Accepts inline provider secrets, encrypted under `secrets`.
+    pub fn with_secrets(mut self, secrets: Option<Arc<SecretsKey>>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// How stored secrets are shown to `caller`: decrypted only for the router's
+    /// identity (it calls the providers), redacted for everyone else.
+    fn reveal(&self, caller: &CallerInfo) -> Reveal<'_> {
+        let router = caller.principal.is_none()
+            && caller
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.name() == ROUTER_IDENTITY);
+        if router {
+            Reveal::Plain(self.secrets.as_deref())
+        } else {
+            Reveal::Redacted
         }
     }
 
@@ -256,8 +285,10 @@ impl ConfigApi {
         let kind = DocKind::require(r.kind)?;
         kind_permission(kind, &caller)?;
         let name = DocName::parse(&r.name)?;
-        let spec = parse_spec(kind, &r.spec_json)?;
+        let mut spec = parse_spec(kind, &r.spec_json)?;
         let key = DocKey::new(writer.owner.clone(), kind, name);
+        seal_inline(self.secrets.as_deref(), &key, &mut spec)?;
+        self.check_references(&[(key.clone(), Some(&spec))]).await?;
         let value = DocValue {
             spec,
             updated_by: writer.actor.clone(),
@@ -292,6 +323,7 @@ impl ConfigApi {
         kind_permission(kind, &caller)?;
         let name = DocName::parse(&r.name)?;
         let key = DocKey::new(writer.owner.clone(), kind, name);
+        self.check_references(&[(key.clone(), None)]).await?;
         let before = self.before(&key).await;
         let revision = self.store.delete(&key, r.expected_version).await?;
         tracing::info!(key = %key, revision, actor = %writer.actor, "config document deleted");
@@ -386,8 +418,10 @@ impl ConfigApi {
                     r.to_version
                 ))
             })?;
-        // The old body must still pass today's checks.
+        // The old body must still pass today's checks, references included.
         crate::spec::check_spec(kind, &old.value.spec)?;
+        self.check_references(&[(key.clone(), Some(&old.value.spec))])
+            .await?;
         let value = DocValue {
             spec: old.value.spec,
             updated_by: writer.actor.clone(),
@@ -417,12 +451,13 @@ impl ConfigApi {
         request_id: String,
         r: pb::ApplyRequest,
     ) -> Result<pb::ApplyResponse> {
+        let validate_only = r.validate_only;
         // Check every operation and report every problem before writing anything.
         let mut problems = Vec::new();
         let mut ops = Vec::with_capacity(r.operations.len());
         let mut writers = Vec::with_capacity(r.operations.len());
         for (i, op) in r.operations.into_iter().enumerate() {
-            match check_operation(&caller, op) {
+            match check_operation(&caller, self.secrets.as_deref(), op) {
                 Ok((writer, op)) => {
                     writers.push(writer);
                     ops.push(op);
@@ -435,6 +470,36 @@ impl ConfigApi {
                 "nothing was applied: {}",
                 problems.join("; ")
             )));
+        }
+        crate::store::check_apply(&ops)?;
+        let changes: Vec<(DocKey, Option<&serde_json::Map<String, serde_json::Value>>)> = ops
+            .iter()
+            .map(|op| match op {
+                ApplyOp::Put { key, value, .. } => (key.clone(), Some(&value.spec)),
+                ApplyOp::Delete { key, .. } => (key.clone(), None),
+            })
+            .collect();
+        let found = self.reference_problems(&changes).await?;
+        if !found.is_empty() {
+            let dangling = found
+                .iter()
+                .any(|(_, e)| matches!(e, ConfigServiceError::InvalidSpec { .. }));
+            let message = format!(
+                "nothing was applied: {}",
+                found
+                    .iter()
+                    .map(|(i, e)| format!("operations[{i}]: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            return Err(if dangling {
+                ConfigServiceError::InvalidArgument(message)
+            } else {
+                ConfigServiceError::FailedPrecondition(message)
+            });
+        }
+        if validate_only {
+            return self.validate_versions(&ops).await;
         }
         let mut befores = Vec::with_capacity(ops.len());
         for op in &ops {
@@ -535,6 +600,101 @@ impl ConfigApi {
         })
     }
 
+    /// Every reference problem of a write: for each put, its dangling references
+    /// (as an invalid spec); for each delete of an existing document, the documents
+    /// it would leave dangling. `changes` are the write's puts (`Some(body)`) and
+    /// deletes (`None`), checked together.
+    async fn reference_problems(
+        &self,
+        changes: &[(DocKey, Option<&serde_json::Map<String, serde_json::Value>>)],
+    ) -> Result<Vec<(usize, ConfigServiceError)>> {
+        let view = View::new(
+            self.store.as_ref(),
+            changes.iter().map(|(k, b)| (k.clone(), *b)),
+        );
+        let mut out = Vec::new();
+        for (i, (key, body)) in changes.iter().enumerate() {
+            match body {
+                Some(spec) => {
+                    let problems = view.dangling(key, spec).await?;
+                    if !problems.is_empty() {
+                        out.push((
+                            i,
+                            ConfigServiceError::InvalidSpec {
+                                kind: key.kind.as_str(),
+                                problems,
+                            },
+                        ));
+                    }
+                }
+                None => {
+                    let referrers = view.referrers(key).await?;
+                    if !referrers.is_empty() {
+                        out.push((
+                            i,
+                            ConfigServiceError::StillReferenced {
+                                key: key.to_string(),
+                                referrers,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses a single-document write that [`Self::reference_problems`] objects to.
+    async fn check_references(
+        &self,
+        changes: &[(DocKey, Option<&serde_json::Map<String, serde_json::Value>>)],
+    ) -> Result<()> {
+        match self.reference_problems(changes).await?.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of a `validate_only` Apply: every expected version is checked against
+    /// the current documents as the store would, and nothing is written.
+    async fn validate_versions(&self, ops: &[ApplyOp]) -> Result<pb::ApplyResponse> {
+        let revision = self.store.current_revision().await?;
+        for op in ops {
+            let current = self.store.get(op.key()).await?.map(|d| d.version);
+            match op {
+                ApplyOp::Put {
+                    key,
+                    expected_version: Some(n),
+                    ..
+                } => {
+                    let holds = match current {
+                        Some(v) => *n == v,
+                        None => *n == 0,
+                    };
+                    if !holds {
+                        return Err(ConfigServiceError::conflict(key, *n, current));
+                    }
+                }
+                ApplyOp::Put { .. } => {}
+                ApplyOp::Delete {
+                    key,
+                    expected_version,
+                } => match (current, expected_version) {
+                    (None, _) => return Err(ConfigServiceError::NotFound(key.to_string())),
+                    (Some(v), Some(n)) if v != *n => {
+                        return Err(ConfigServiceError::conflict(key, *n, Some(v)));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        tracing::info!(revision, operations = ops.len(), "config apply validated");
+        Ok(pb::ApplyResponse {
+            revision,
+            documents: Vec::new(),
+        })
+    }
+
     /// Queues the audit event of a successful change (no document content: specs may
     /// name secrets).
     /// The current document, read before a change so that its audit event can show
@@ -564,10 +724,21 @@ impl ConfigApi {
         let Some(audit) = &self.audit else {
             return;
         };
-        let before = before.map(|d| {
-            serde_json::json!({"version": d.version, "spec": serde_json::Value::Object(d.value.spec.clone())})
-        });
-        let after = after.map(|v| serde_json::Value::Object(v.spec.clone()));
+        let shown = |spec: &serde_json::Map<String, serde_json::Value>| {
+            let mut doc = pb::Document {
+                tenant: key.owner.as_str().to_owned(),
+                kind: key.kind.to_proto() as i32,
+                name: key.name.as_str().to_owned(),
+                spec_json: serde_json::Value::Object(spec.clone()).to_string(),
+                ..Default::default()
+            };
+            present(&mut doc, Reveal::Redacted);
+            serde_json::from_str::<serde_json::Value>(&doc.spec_json)
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let before =
+            before.map(|d| serde_json::json!({"version": d.version, "spec": shown(&d.value.spec)}));
+        let after = after.map(|v| shown(&v.spec));
         audit.record(audit::EventInput {
             tenant: key.owner.as_str().to_owned(),
             actor: Some(audit::Actor {
@@ -625,15 +796,20 @@ pub fn evaluation_to_proto(e: crewmesh_kit::flags::Evaluation) -> pb::FlagEvalua
 }
 
 /// Checks one Apply operation as Put or Delete would.
-fn check_operation(caller: &CallerInfo, op: pb::ApplyOperation) -> Result<(Writer, ApplyOp)> {
+fn check_operation(
+    caller: &CallerInfo,
+    secrets: Option<&SecretsKey>,
+    op: pb::ApplyOperation,
+) -> Result<(Writer, ApplyOp)> {
     match op.op {
         Some(pb::apply_operation::Op::Put(r)) => {
             let writer = write_scope(r.scope, caller)?;
             let kind = DocKind::require(r.kind)?;
             kind_permission(kind, caller)?;
             let name = DocName::parse(&r.name)?;
-            let spec = parse_spec(kind, &r.spec_json)?;
+            let mut spec = parse_spec(kind, &r.spec_json)?;
             let key = DocKey::new(writer.owner.clone(), kind, name);
+            seal_inline(secrets, &key, &mut spec)?;
             let value = DocValue {
                 spec,
                 updated_by: writer.actor.clone(),
@@ -668,6 +844,19 @@ fn check_operation(caller: &CallerInfo, op: pb::ApplyOperation) -> Result<(Write
     }
 }
 
+/// The response metadata key holding the store revision a List was read at or a
+/// write was made at.
+pub const REVISION_METADATA: &str = "x-crewmesh-config-revision";
+
+/// A response carrying [`REVISION_METADATA`].
+fn with_revision<T>(msg: T, revision: impl FnOnce(&T) -> i64) -> Response<T> {
+    let revision = revision(&msg);
+    let mut resp = Response::new(msg);
+    resp.metadata_mut()
+        .insert(REVISION_METADATA, revision.into());
+    resp
+}
+
 fn request_id<T>(req: &Request<T>) -> String {
     req.metadata()
         .get("x-request-id")
@@ -684,9 +873,13 @@ impl ConfigService for ConfigApi {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let caller = CallerInfo::of(&request);
+        let reveal = self.reveal(&caller);
         self.get_doc(caller, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.document.iter_mut().for_each(|d| present(d, reveal));
+                Response::new(r)
+            })
             .map_err(|e| to_status(&e))
     }
 
@@ -695,9 +888,13 @@ impl ConfigService for ConfigApi {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let caller = CallerInfo::of(&request);
+        let reveal = self.reveal(&caller);
         self.list_docs(caller, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.documents.iter_mut().for_each(|d| present(d, reveal));
+                with_revision(r, |r| r.revision)
+            })
             .map_err(|e| to_status(&e))
     }
 
@@ -709,7 +906,12 @@ impl ConfigService for ConfigApi {
         let request_id = request_id(&request);
         self.put_doc(caller, request_id, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.document
+                    .iter_mut()
+                    .for_each(|d| present(d, Reveal::Redacted));
+                with_revision(r, |r| r.document.as_ref().map_or(0, |d| d.version))
+            })
             .map_err(|e| to_status(&e))
     }
 
@@ -721,7 +923,7 @@ impl ConfigService for ConfigApi {
         let request_id = request_id(&request);
         self.delete_doc(caller, request_id, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|r| with_revision(r, |r| r.revision))
             .map_err(|e| to_status(&e))
     }
 
@@ -733,7 +935,12 @@ impl ConfigService for ConfigApi {
         let request_id = request_id(&request);
         self.apply_docs(caller, request_id, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.documents
+                    .iter_mut()
+                    .for_each(|d| present(d, Reveal::Redacted));
+                with_revision(r, |r| r.revision)
+            })
             .map_err(|e| to_status(&e))
     }
 
@@ -744,6 +951,8 @@ impl ConfigService for ConfigApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = CallerInfo::of(&request);
+        let secrets = self.secrets.clone();
+        let reveal_plain = matches!(self.reveal(&caller), Reveal::Plain(_));
         let mut stopping = self.stopping.clone();
         let stopped = async move {
             if stopping.wait_for(|s| *s).await.is_err() {
@@ -754,6 +963,19 @@ impl ConfigService for ConfigApi {
         crate::watch::open(&self.store, &caller, request.into_inner())
             .await
             .map(|stream| {
+                let stream = futures::StreamExt::map(stream, move |msg| {
+                    msg.map(|mut msg| {
+                        let reveal = if reveal_plain {
+                            Reveal::Plain(secrets.as_deref())
+                        } else {
+                            Reveal::Redacted
+                        };
+                        for e in &mut msg.events {
+                            e.document.iter_mut().for_each(|d| present(d, reveal));
+                        }
+                        msg
+                    })
+                });
                 let stream: Self::WatchStream =
                     Box::pin(futures::StreamExt::take_until(stream, Box::pin(stopped)));
                 Response::new(stream)
@@ -768,7 +990,12 @@ impl ConfigService for ConfigApi {
         let caller = CallerInfo::of(&request);
         self.history_of(caller, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.versions
+                    .iter_mut()
+                    .for_each(|d| present(d, Reveal::Redacted));
+                Response::new(r)
+            })
             .map_err(|e| to_status(&e))
     }
 
@@ -780,7 +1007,12 @@ impl ConfigService for ConfigApi {
         let request_id = request_id(&request);
         self.rollback_doc(caller, request_id, request.into_inner())
             .await
-            .map(Response::new)
+            .map(|mut r| {
+                r.document
+                    .iter_mut()
+                    .for_each(|d| present(d, Reveal::Redacted));
+                with_revision(r, |r| r.document.as_ref().map_or(0, |d| d.version))
+            })
             .map_err(|e| to_status(&e))
     }
 

@@ -17,6 +17,9 @@
 //!
 //! [store.embedded]
 //! path = ".crewmesh/config.db"
+//!
+//! [config]
+//! secrets_key_file = "/etc/crewmesh/secrets/config.key"  # optional: 32 random bytes, raw or base64
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,6 +44,18 @@ pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ConfigServiceConfig {
     pub common: CommonConfig,
     pub store: StoreConfig,
+    /// The key that encrypts inline provider secrets (see [`crate::secrets`]);
+    /// without it inline secrets are refused.
+    pub secrets_key_file: Option<PathBuf>,
+}
+
+/// `[config]`: the config service's own options.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSection {
+    /// 32 random bytes, raw or base64 (e.g. `openssl rand -base64 32`).
+    #[serde(default)]
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Where documents are kept.
@@ -99,6 +114,15 @@ impl ConfigServiceConfig {
             );
         }
         self.store.validate(&mut p);
+        if let Some(path) = &self.secrets_key_file
+            && let Err(e) = crate::secrets::SecretsKey::load(path)
+        {
+            p.add(
+                "config.secrets_key_file",
+                e.to_string(),
+                "write 32 random bytes to it, e.g. `openssl rand -base64 32 > config.key`",
+            );
+        }
         p.into_result()
     }
 }
@@ -223,6 +247,8 @@ pub struct ConfigServiceSettings {
     #[serde(default)]
     pub peers: PeersConfig,
     pub store: StoreSettings,
+    #[serde(default)]
+    pub config: ConfigSection,
 }
 
 impl ConfigServiceSettings {
@@ -239,6 +265,7 @@ impl ConfigServiceSettings {
                 peers: self.peers,
             },
             store,
+            secrets_key_file: self.config.secrets_key_file,
         };
         config.validate()?;
         Ok(config)

@@ -97,21 +97,37 @@ fn semantic(kind: DocKind, spec: &Map<String, Value>, out: &mut Vec<SpecProblem>
     let mut add = |path: String, problem: String| out.push(SpecProblem { path, problem });
     match kind {
         DocKind::Model => {
-            let mut names = std::collections::HashSet::new();
-            for (i, d) in spec["deployments"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                if let Some(name) = d.get("name").and_then(Value::as_str)
-                    && !names.insert(name)
-                {
-                    add(
-                        format!("deployments[{i}].name"),
-                        format!("{name:?} is used by an earlier deployment; names must be unique"),
-                    );
+            let mut lists = vec![("deployments".to_owned(), &spec["deployments"])];
+            if let Some(Value::Object(variants)) = spec.get("variants") {
+                for (name, v) in variants {
+                    lists.push((format!("variants.{name}.deployments"), &v["deployments"]));
                 }
+            }
+            for (path, list) in lists {
+                let mut names = std::collections::HashSet::new();
+                for (i, d) in list.as_array().into_iter().flatten().enumerate() {
+                    if let Some(name) = d.get("name").and_then(Value::as_str)
+                        && !names.insert(name)
+                    {
+                        add(
+                            format!("{path}[{i}].name"),
+                            format!(
+                                "{name:?} is used by an earlier deployment; names must be unique"
+                            ),
+                        );
+                    }
+                }
+            }
+            match (spec.contains_key("variants"), spec.contains_key("flag")) {
+                (true, false) => add(
+                    "flag".to_owned(),
+                    "is required with variants: name the flag that chooses one".to_owned(),
+                ),
+                (false, true) => add(
+                    "variants".to_owned(),
+                    "is required with flag: the flag's values name variants".to_owned(),
+                ),
+                _ => {}
             }
             if let Some(retry) = spec.get("retry")
                 && let (Some(base), Some(max)) = (
@@ -341,11 +357,11 @@ mod tests {
         assert_eq!(
             problems(
                 DocKind::Provider,
-                r#"{"type":"openai","base_url":"https://api.openai.com/v1","api_key":"sk-123","timeout":5}"#
+                r#"{"type":"openai","base_url":"https://api.openai.com/v1","apikey":"sk-123","timeout":5}"#
             ),
             vec![
-                "api_key: is not a known field (known: type, base_url, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
-                "timeout: is not a known field (known: type, base_url, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
+                "apikey: is not a known field (known: type, base_url, api_key, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
+                "timeout: is not a known field (known: type, base_url, api_key, api_key_env, api_key_file, connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms, description)",
             ]
         );
         assert_eq!(
@@ -426,6 +442,45 @@ mod tests {
                 r#"{"variants":{"a":1},"default_variant":"a"}"#
             )
             .is_empty()
+        );
+    }
+
+    #[test]
+    fn model_variants_are_checked_like_deployments() {
+        assert!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"provider":"p","model":"m"}],"flag":"ab","variants":{"blue":{"deployments":[{"provider":"p","model":"b"}]},"green":{"deployments":[{"provider":"p","model":"g"}],"strategy":"weighted"}}}"#
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"provider":"p","model":"m"}],"variants":{"Blue":{"deployments":[]},"g":{"deployments":[{"name":"x","provider":"p","model":"a"},{"name":"x","provider":"p","model":"b"}],"colour":1}}}"#
+            ),
+            vec![
+                r#"variants.Blue: "Blue" is not a valid name: use a-z, 0-9, '.', '_' or '-', starting with a letter or digit"#,
+                "variants.Blue.deployments: must not be empty",
+                "variants.g.colour: is not a known field (known: deployments, strategy, description)",
+            ]
+        );
+        assert_eq!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"provider":"p","model":"m"}],"variants":{"g":{"deployments":[{"name":"x","provider":"p","model":"a"},{"name":"x","provider":"p","model":"b"}]}}}"#
+            ),
+            vec![
+                r#"variants.g.deployments[1].name: "x" is used by an earlier deployment; names must be unique"#,
+                "flag: is required with variants: name the flag that chooses one",
+            ]
+        );
+        assert_eq!(
+            problems(
+                DocKind::Model,
+                r#"{"deployments":[{"provider":"p","model":"m"}],"flag":"ab","variants":{}}"#
+            ),
+            vec!["variants: must not be empty"]
         );
     }
 

@@ -160,6 +160,7 @@ async fn config_service_over_mtls() {
         store: StoreConfig::Embedded {
             path: dir.path().join("config.db"),
         },
+        secrets_key_file: None,
     };
     let app = Application::build(config, MetricsRegistry::new())
         .await
@@ -174,6 +175,56 @@ async fn config_service_over_mtls() {
     let mut router = client(&pki, "router", &addr);
     let mut cli = client(&pki, "cli", &addr);
     let admin = principal(&[Role::Admin]);
+
+    // A model naming a provider that does not exist is refused, every dangling
+    // reference listed by path, nothing written.
+    let dangling = gateway
+        .put(with_principal(
+            put(
+                Scope::Tenant,
+                Kind::Model,
+                "gpt-4o-mini",
+                r#"{"deployments":[{"provider":"sim","model":"m"},{"provider":"nope","model":"m"}],"fallback_models":["ghost"]}"#,
+                None,
+            ),
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(dangling.code(), Code::InvalidArgument);
+    assert_eq!(
+        dangling.message(),
+        r#"invalid model spec: deployments[0].provider: provider "sim" does not exist (in tenant acme or _global); deployments[1].provider: provider "nope" does not exist (in tenant acme or _global); fallback_models[0]: model "ghost" does not exist (in tenant acme or _global)"#
+    );
+
+    // The CLI writes _global documents without a principal.
+    let provider = cli
+        .put(put(
+            Scope::Global,
+            Kind::Provider,
+            "sim",
+            r#"{"type":"simulated","base_url":"http://127.0.0.1:9/v1"}"#,
+            Some(0),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(provider.tenant, "_global");
+    let listed = router
+        .list(ListRequest {
+            scope: Scope::Global as i32,
+            kind: Kind::Provider as i32,
+            page: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.metadata().get("x-crewmesh-config-revision").unwrap(),
+        &provider.version.to_string()
+    );
+    assert_eq!(provider.updated_by, "spiffe://crewmesh.local/cli");
 
     // As the gateway for a tenant admin: create, then read back.
     let created = gateway
@@ -195,8 +246,8 @@ async fn config_service_over_mtls() {
     assert_eq!(created.tenant, "acme");
     assert_eq!(created.kind, Kind::Model as i32);
     assert_eq!(created.name, "gpt-4o-mini");
-    assert_eq!(created.version, 2);
-    assert_eq!(created.create_version, 2);
+    assert_eq!(created.version, 3);
+    assert_eq!(created.create_version, 3);
     assert_eq!(created.updated_by, "key:admin-1");
     let spec: serde_json::Value = serde_json::from_str(&created.spec_json).unwrap();
     assert_eq!(
@@ -224,7 +275,7 @@ async fn config_service_over_mtls() {
                 Kind::Model,
                 "gpt-4o-mini",
                 MODEL_SPEC,
-                Some(2),
+                Some(3),
             ),
             &admin,
         ))
@@ -233,7 +284,7 @@ async fn config_service_over_mtls() {
         .into_inner()
         .document
         .unwrap();
-    assert_eq!((updated.version, updated.create_version), (3, 2));
+    assert_eq!((updated.version, updated.create_version), (4, 3));
     let stale = gateway
         .put(with_principal(
             put(
@@ -250,7 +301,7 @@ async fn config_service_over_mtls() {
     assert_eq!(stale.code(), Code::Aborted);
     assert_eq!(
         stale.message(),
-        "version conflict on acme/model/gpt-4o-mini: expected version 2, but the current version is 3"
+        "version conflict on acme/model/gpt-4o-mini: expected version 2, but the current version is 4"
     );
 
     // A bad body is refused with every problem, and nothing is written.
@@ -313,23 +364,6 @@ async fn config_service_over_mtls() {
         .unwrap_err();
     assert_eq!(all_for_user.code(), Code::InvalidArgument);
 
-    // The CLI writes _global documents without a principal.
-    let provider = cli
-        .put(put(
-            Scope::Global,
-            Kind::Provider,
-            "sim",
-            r#"{"type":"simulated","base_url":"http://127.0.0.1:9/v1"}"#,
-            Some(0),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .document
-        .unwrap();
-    assert_eq!(provider.tenant, "_global");
-    assert_eq!(provider.updated_by, "spiffe://crewmesh.local/cli");
-
     // As the router (a mesh service, no principal): list everything, read global.
     let listing = router
         .list(ListRequest {
@@ -352,10 +386,10 @@ async fn config_service_over_mtls() {
         keys,
         vec![
             ("_global", Kind::Provider as i32, "sim", provider.version),
-            ("acme", Kind::Model as i32, "gpt-4o-mini", 3),
+            ("acme", Kind::Model as i32, "gpt-4o-mini", 4),
         ]
     );
-    assert_eq!(listing.revision, provider.version);
+    assert_eq!(listing.revision, 4);
     assert_eq!(listing.next_page_token, "");
     let global = router
         .get(get(Scope::Global, Kind::Provider, "sim"))
@@ -372,6 +406,22 @@ async fn config_service_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // The provider cannot be deleted while the tenant's model uses it.
+    let in_use = cli
+        .delete(DeleteRequest {
+            scope: Scope::Global as i32,
+            kind: Kind::Provider as i32,
+            name: "sim".to_owned(),
+            expected_version: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(in_use.code(), Code::FailedPrecondition);
+    assert_eq!(
+        in_use.message(),
+        "cannot delete _global/provider/sim: still referenced by acme/model/gpt-4o-mini (deployments[0].provider); change or delete those first"
+    );
 
     // Delete with a stale version, then the right one.
     let stale_delete = gateway
@@ -393,14 +443,20 @@ async fn config_service_over_mtls() {
                 scope: Scope::Tenant as i32,
                 kind: Kind::Model as i32,
                 name: "gpt-4o-mini".to_owned(),
-                expected_version: Some(3),
+                expected_version: Some(4),
             },
             &admin,
         ))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(deleted.revision, provider.version + 1);
+        .unwrap();
+    assert_eq!(
+        deleted
+            .metadata()
+            .get("x-crewmesh-config-revision")
+            .unwrap(),
+        "5"
+    );
+    assert_eq!(deleted.into_inner().revision, 5);
 
     // Shutting down flushes the audit events of the four changes.
     stop.send(()).unwrap();
@@ -433,29 +489,10 @@ async fn config_service_over_mtls() {
     let success = crewmesh_proto::types::v1::Outcome::Success as i32;
     let config_uri = "spiffe://crewmesh.local/config".to_owned();
     let p = provider.version;
+    assert_eq!(p, 2);
     assert_eq!(
         summary,
         vec![
-            (
-                "config.put",
-                "acme",
-                "key:admin-1".to_owned(),
-                config_uri.clone(),
-                "model".to_owned(),
-                "gpt-4o-mini".to_owned(),
-                success,
-                serde_json::json!({"version": 2, "before": null, "after": model}),
-            ),
-            (
-                "config.put",
-                "acme",
-                "key:admin-1".to_owned(),
-                config_uri.clone(),
-                "model".to_owned(),
-                "gpt-4o-mini".to_owned(),
-                success,
-                serde_json::json!({"version": 3, "before": {"version": 2, "spec": model}, "after": model}),
-            ),
             (
                 "config.put",
                 "_global",
@@ -467,6 +504,26 @@ async fn config_service_over_mtls() {
                 serde_json::json!({"version": p, "before": null, "after": provider_spec}),
             ),
             (
+                "config.put",
+                "acme",
+                "key:admin-1".to_owned(),
+                config_uri.clone(),
+                "model".to_owned(),
+                "gpt-4o-mini".to_owned(),
+                success,
+                serde_json::json!({"version": 3, "before": null, "after": model}),
+            ),
+            (
+                "config.put",
+                "acme",
+                "key:admin-1".to_owned(),
+                config_uri.clone(),
+                "model".to_owned(),
+                "gpt-4o-mini".to_owned(),
+                success,
+                serde_json::json!({"version": 4, "before": {"version": 3, "spec": model}, "after": model}),
+            ),
+            (
                 "config.delete",
                 "acme",
                 "key:admin-1".to_owned(),
@@ -474,7 +531,7 @@ async fn config_service_over_mtls() {
                 "model".to_owned(),
                 "gpt-4o-mini".to_owned(),
                 success,
-                serde_json::json!({"version": p + 1, "before": {"version": 3, "spec": model}, "after": null}),
+                serde_json::json!({"version": 5, "before": {"version": 4, "spec": model}, "after": null}),
             ),
         ]
     );
@@ -491,6 +548,7 @@ async fn start_plain(pki: &TestPki, dir: &std::path::Path) -> (String, oneshot::
         store: StoreConfig::Embedded {
             path: dir.join("config.db"),
         },
+        secrets_key_file: None,
     };
     let app = Application::build(config, MetricsRegistry::new())
         .await
@@ -542,15 +600,8 @@ async fn watch_history_rollback_and_apply_over_mtls() {
     let mut cli = client(&pki, "cli", &addr);
     let mut gateway = client(&pki, "gateway", &addr);
     let admin = principal(&[Role::Admin]);
-    let spec_v = |m: &str| format!(r#"{{"deployments":[{{"provider":"sim","model":"{m}"}}]}}"#);
+    let spec_v = |m: &str| format!(r#"{{"deployments":[{{"provider":"p","model":"{m}"}}]}}"#);
 
-    let v1 = cli
-        .put(put(Scope::Global, Kind::Model, "m", &spec_v("one"), None))
-        .await
-        .unwrap()
-        .into_inner()
-        .document
-        .unwrap();
     cli.put(put(
         Scope::Global,
         Kind::Provider,
@@ -560,6 +611,13 @@ async fn watch_history_rollback_and_apply_over_mtls() {
     ))
     .await
     .unwrap();
+    let v1 = cli
+        .put(put(Scope::Global, Kind::Model, "m", &spec_v("one"), None))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
 
     // A snapshot of the kinds asked for, then the end-of-snapshot marker.
     let mut watch = router
@@ -699,6 +757,7 @@ async fn watch_history_rollback_and_apply_over_mtls() {
                 op_put("b", r#"{"deployments":[]}"#),
                 op_put("Bad Name", &spec_v("c")),
             ],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -713,6 +772,81 @@ async fn watch_history_rollback_and_apply_over_mtls() {
         .await
         .unwrap_err();
     assert_eq!(absent.code(), Code::NotFound);
+
+    // A dry run checks what a real apply checks and writes nothing; references may
+    // point at documents the same apply creates.
+    let q_model = r#"{"deployments":[{"provider":"q","model":"x"}],"fallback_models":["a"]}"#;
+    let q_provider = ApplyOperation {
+        op: Some(apply_operation::Op::Put(put(
+            Scope::Global,
+            Kind::Provider,
+            "q",
+            r#"{"type":"simulated","base_url":"http://127.0.0.1:2/v1"}"#,
+            None,
+        ))),
+    };
+    let dry = cli
+        .apply(ApplyRequest {
+            operations: vec![op_put("qa", q_model), op_put("a", &spec_v("a")), q_provider],
+            validate_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((dry.revision, dry.documents.len()), (rolled.version, 0));
+    let absent = router
+        .get(get(Scope::Global, Kind::Model, "qa"))
+        .await
+        .unwrap_err();
+    assert_eq!(absent.code(), Code::NotFound);
+    let dangling = cli
+        .apply(ApplyRequest {
+            operations: vec![op_put("qa", q_model)],
+            validate_only: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dangling.code(), Code::InvalidArgument);
+    assert_eq!(
+        dangling.message(),
+        r#"nothing was applied: operations[0]: invalid model spec: deployments[0].provider: provider "q" does not exist (in _global); fallback_models[0]: model "a" does not exist (in _global)"#
+    );
+    let delete_p = ApplyOperation {
+        op: Some(apply_operation::Op::Delete(DeleteRequest {
+            scope: Scope::Global as i32,
+            kind: Kind::Provider as i32,
+            name: "p".into(),
+            expected_version: None,
+        })),
+    };
+    let in_use = cli
+        .apply(ApplyRequest {
+            operations: vec![delete_p],
+            validate_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(in_use.code(), Code::FailedPrecondition);
+    assert_eq!(
+        in_use.message(),
+        "nothing was applied: operations[0]: cannot delete _global/provider/p: still referenced by _global/model/m (deployments[0].provider); change or delete those first"
+    );
+    let stale = cli
+        .apply(ApplyRequest {
+            operations: vec![ApplyOperation {
+                op: Some(apply_operation::Op::Put(put(
+                    Scope::Global,
+                    Kind::Model,
+                    "m",
+                    &spec_v("x"),
+                    Some(v1.version),
+                ))),
+            }],
+            validate_only: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
 
     // A good apply lands at one revision, seen as one watch message.
     let applied = cli
@@ -729,6 +863,7 @@ async fn watch_history_rollback_and_apply_over_mtls() {
                     })),
                 },
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -896,5 +1031,188 @@ async fn flags_evaluate_with_tenant_overrides() {
     assert_eq!(eval("user-1").await, first);
     let bucket = crewmesh_kit::flags::bucket("new-ui", "user-1");
     assert_eq!(first[0].variant, if bucket < 5000 { "a" } else { "b" });
+    stop.send(()).unwrap();
+}
+
+/// Starts a config service on etcd with an optional secrets key file.
+async fn start_on_etcd(
+    pki: &TestPki,
+    prefix: &str,
+    key_file: Option<std::path::PathBuf>,
+) -> (String, oneshot::Sender<()>) {
+    let mut etcd = crewmesh_config::EtcdConfig::new(vec![crewmesh_testkit::etcd().endpoint()]);
+    etcd.prefix = prefix.to_owned();
+    let config = ConfigServiceConfig {
+        common: common(pki, "config", PeersConfig::default()),
+        store: StoreConfig::Etcd(etcd),
+        secrets_key_file: key_file,
+    };
+    let app = Application::build(config, MetricsRegistry::new())
+        .await
+        .unwrap();
+    let addr = app.grpc_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+fn api_key_of(doc: &crewmesh_proto::config::v1::Document) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&doc.spec_json).unwrap()["api_key"].clone()
+}
+
+#[tokio::test]
+async fn inline_secrets_are_stored_encrypted_and_only_the_router_reads_them() {
+    crewmesh_testkit::init_crypto();
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = crewmesh_testkit::etcd().unique_prefix();
+    let spec = r#"{"type":"openai","base_url":"https://api.example.com/v1","api_key":{"inline":"sk-very-secret-42"}}"#;
+
+    // Without a key file an inline secret is refused, nothing written.
+    let (addr, stop) = start_on_etcd(&pki, &prefix, None).await;
+    let refused = client(&pki, "cli", &addr)
+        .put(put(Scope::Global, Kind::Provider, "openai", spec, None))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "invalid provider spec: api_key: inline secrets are refused: this config service has no [config] secrets_key_file to encrypt them with; reference the key with api_key_env or api_key_file instead"
+    );
+    stop.send(()).unwrap();
+
+    let key_file = dir.path().join("config.key");
+    std::fs::write(&key_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let (addr, stop) = start_on_etcd(&pki, &prefix, Some(key_file.clone())).await;
+    let mut cli = client(&pki, "cli", &addr);
+    let mut router = client(&pki, "router", &addr);
+    let mut gateway = client(&pki, "gateway", &addr);
+    let written = cli
+        .put(put(Scope::Global, Kind::Provider, "openai", spec, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    let key_id = "630dcd2966c43366";
+    let redacted = serde_json::json!({"redacted": format!("encrypted with key {key_id}")});
+    assert_eq!(api_key_of(&written), redacted);
+
+    // etcd holds only the envelope: no plaintext in the document or its history.
+    let mut etcd = etcd_client::Client::connect([crewmesh_testkit::etcd().endpoint()], None)
+        .await
+        .unwrap();
+    let all = etcd
+        .get(
+            prefix.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let stored: Vec<String> = all
+        .kvs()
+        .iter()
+        .filter(|kv| {
+            kv.key_str()
+                .unwrap_or_default()
+                .contains("/provider/openai")
+        })
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        .collect();
+    assert!(stored.len() >= 2, "document and history entry: {stored:?}");
+    for value in &stored {
+        assert!(!value.contains("sk-very-secret-42"), "{value}");
+        assert!(value.contains("\"wrapped_key\""), "{value}");
+        assert!(value.contains(key_id), "{value}");
+    }
+
+    // Readers see a redacted marker; the router's identity gets the key.
+    let admin = principal(&[Role::Admin]);
+    let seen = gateway
+        .get(with_principal(
+            get(Scope::Global, Kind::Provider, "openai"),
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    assert_eq!(api_key_of(&seen), redacted);
+    let history = gateway
+        .history(with_principal(
+            HistoryRequest {
+                scope: Scope::Global as i32,
+                kind: Kind::Provider as i32,
+                name: "openai".into(),
+                page: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(api_key_of(&history.versions[0]), redacted);
+    let for_router = router
+        .list(ListRequest {
+            scope: Scope::All as i32,
+            kind: Kind::Provider as i32,
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        api_key_of(&for_router.documents[0]),
+        serde_json::json!({"value": "sk-very-secret-42"})
+    );
+    let mut watch = router
+        .watch(WatchRequest {
+            scope: Scope::All as i32,
+            kinds: vec![Kind::Provider as i32],
+            start_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = next_message(&mut watch).await;
+    assert_eq!(
+        api_key_of(snap.events[0].document.as_ref().unwrap()),
+        serde_json::json!({"value": "sk-very-secret-42"})
+    );
+    // The redacted form cannot be written back.
+    let back = cli
+        .put(put(
+            Scope::Global,
+            Kind::Provider,
+            "openai",
+            &seen.spec_json,
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(back.code(), Code::InvalidArgument);
+    stop.send(()).unwrap();
+
+    // With another key the router is told clearly why there is no key.
+    std::fs::write(&key_file, [9u8; 32]).unwrap();
+    let (addr, stop) = start_on_etcd(&pki, &prefix, Some(key_file)).await;
+    let for_router = client(&pki, "router", &addr)
+        .get(get(Scope::Global, Kind::Provider, "openai"))
+        .await
+        .unwrap()
+        .into_inner()
+        .document
+        .unwrap();
+    let shown = api_key_of(&for_router);
+    assert!(!shown.to_string().contains("sk-very-secret-42"));
+    assert!(
+        shown["redacted"].as_str().unwrap().starts_with(&format!(
+            "cannot decrypt: it was encrypted with key {key_id}, but this config service has key "
+        )),
+        "{shown}"
+    );
     stop.send(()).unwrap();
 }

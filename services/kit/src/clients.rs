@@ -35,7 +35,17 @@ pub enum PeerError {
     Identity(#[from] crate::identity::SpiffeIdError),
     #[error("cannot open the audit spool: {0}")]
     Spool(std::io::Error),
+    #[error("cannot open the usage spool: {0}")]
+    UsageSpool(std::io::Error),
 }
+
+/// The tenant of audit events about requests whose caller could not be
+/// authenticated (so no tenant is known).
+pub const UNAUTHENTICATED_TENANT: &str = "_unauthenticated";
+
+/// How long [`AuditClient::record_durable`] waits for the audit service to
+/// acknowledge an event it could not make durable locally.
+pub const DURABLE_APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Opens channels to the other services named in `[peers]`.
 #[derive(Clone, Debug)]
@@ -107,6 +117,31 @@ impl Peers {
     pub fn metrics(&self) -> Result<MetricsServiceClient<MeshChannel>, PeerError> {
         Ok(MetricsServiceClient::new(self.channel(Service::Metrics)?))
     }
+
+    /// The usage client, or `None` when no metrics peer is configured. Like
+    /// [`Peers::audit_client`], it spools to `<state_dir>/spool/usage` when the
+    /// service has a state directory, and queues in memory otherwise.
+    pub fn usage_client(
+        &self,
+        server: &crate::settings::ServerConfig,
+        metrics: &MetricsRegistry,
+    ) -> Result<Option<UsageClient>, PeerError> {
+        if self.peers.metrics.is_none() {
+            return Ok(None);
+        }
+        let client = self.metrics()?;
+        let usage = match &server.state_dir {
+            Some(dir) => UsageClient::with_spool(
+                client,
+                BatchConfig::default(),
+                SpoolConfig::new(dir.join("spool").join("usage")),
+                Some(metrics),
+            )
+            .map_err(PeerError::UsageSpool)?,
+            None => UsageClient::new(client, BatchConfig::default()),
+        };
+        Ok(Some(usage))
+    }
 }
 
 /// Attaches a principal to an outgoing request.
@@ -124,7 +159,24 @@ pub fn with_principal<T>(msg: T, principal: &Principal) -> tonic::Request<T> {
 pub struct AuditClient {
     sender: AuditSender,
     service: SpiffeId,
+    /// For appends that wait for the acknowledgement.
+    client: AuditServiceClient<MeshChannel>,
 }
+
+/// Where [`AuditClient::record_durable`] made an event durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durable {
+    /// Written and `fdatasync`ed to the local spool (delivered later, in order).
+    Spooled,
+    /// Acknowledged by the audit service (it is in the chain).
+    Acknowledged,
+}
+
+/// [`AuditClient::record_durable`] could make the event durable neither locally
+/// nor in the audit service.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit event could not be made durable: {0}")]
+pub struct AuditUnavailable(pub String);
 
 #[derive(Clone)]
 enum AuditSender {
@@ -158,10 +210,11 @@ impl AuditClient {
         service: SpiffeId,
         config: BatchConfig,
     ) -> Self {
-        let batcher = Batcher::spawn("audit", config, append_fn(client));
+        let batcher = Batcher::spawn("audit", config, append_fn(client.clone()));
         Self {
             sender: AuditSender::Memory(batcher),
             service,
+            client,
         }
     }
 
@@ -175,15 +228,61 @@ impl AuditClient {
         spool: SpoolConfig,
         metrics: Option<&MetricsRegistry>,
     ) -> std::io::Result<Self> {
-        let batcher = SpoolBatcher::open("audit", config, spool, metrics, append_fn(client))?;
+        let batcher =
+            SpoolBatcher::open("audit", config, spool, metrics, append_fn(client.clone()))?;
         Ok(Self {
             sender: AuditSender::Spool(batcher),
             service,
+            client,
         })
     }
 
     /// Queues an event; fills in id, time, the recording service and the trace id.
-    pub fn record(&self, mut event: audit::EventInput) {
+    pub fn record(&self, event: audit::EventInput) {
+        let event = self.complete(event);
+        match &self.sender {
+            AuditSender::Memory(b) => {
+                b.submit(event);
+            }
+            AuditSender::Spool(s) => {
+                s.submit(&event);
+            }
+        }
+    }
+
+    /// Records an event durably before returning, for actions that must not happen
+    /// unaudited: it is written and synced to the spool, or, when there is no spool
+    /// or the spool cannot take it (full, disk error), appended to the audit service
+    /// directly and acknowledged (within [`DURABLE_APPEND_TIMEOUT`]). Either way it
+    /// survives a crash of this process. Fills in the same fields as [`Self::record`].
+    pub async fn record_durable(
+        &self,
+        event: audit::EventInput,
+    ) -> Result<Durable, AuditUnavailable> {
+        let event = self.complete(event);
+        if let AuditSender::Spool(s) = &self.sender
+            && s.submit_durable(&event).await
+        {
+            return Ok(Durable::Spooled);
+        }
+        let mut client = self.client.clone();
+        let append = client.append(audit::AppendRequest {
+            events: vec![event],
+        });
+        match tokio::time::timeout(DURABLE_APPEND_TIMEOUT, append).await {
+            Ok(Ok(_)) => Ok(Durable::Acknowledged),
+            Ok(Err(status)) => Err(AuditUnavailable(format!(
+                "the spool cannot take it and the audit service answered {:?}: {}",
+                status.code(),
+                status.message()
+            ))),
+            Err(_) => Err(AuditUnavailable(format!(
+                "the spool cannot take it and the audit service did not answer within {DURABLE_APPEND_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    fn complete(&self, mut event: audit::EventInput) -> audit::EventInput {
         if event.id.is_empty() {
             event.id = uuid::Uuid::now_v7().to_string();
         }
@@ -197,14 +296,7 @@ impl AuditClient {
         if event.trace_id.is_empty() {
             event.trace_id = crate::telemetry::current_trace_id();
         }
-        match &self.sender {
-            AuditSender::Memory(b) => {
-                b.submit(event);
-            }
-            AuditSender::Spool(s) => {
-                s.submit(&event);
-            }
-        }
+        event
     }
 
     /// Waits until everything recorded so far is delivered (or `timeout`). With a
@@ -232,26 +324,64 @@ impl AuditClient {
     }
 }
 
-/// Records usage off the request path, in batches.
+/// Records usage off the request path, in batches: through a bounded in-memory queue
+/// ([`UsageClient::new`]), or through a durable local spool like the audit client's
+/// ([`UsageClient::with_spool`]), so accepted records survive a metrics outage and a
+/// crash of the sender (metrics deduplicates replayed records by id).
 #[derive(Clone)]
 pub struct UsageClient {
-    batcher: Batcher<metrics::UsageRecord>,
+    sender: UsageSender,
+}
+
+#[derive(Clone)]
+enum UsageSender {
+    Memory(Batcher<metrics::UsageRecord>),
+    Spool(SpoolBatcher<metrics::UsageRecord>),
+}
+
+type RecordFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
+
+fn record_fn(
+    client: MetricsServiceClient<MeshChannel>,
+) -> impl Fn(Vec<metrics::UsageRecord>) -> RecordFuture + Send + Sync + 'static {
+    move |records| {
+        let mut client = client.clone();
+        Box::pin(async move {
+            client
+                .record(metrics::RecordRequest { records })
+                .await
+                .map(|_| ())
+        })
+    }
 }
 
 impl UsageClient {
+    /// In-memory queue: records queued when the process dies, or beyond the retries
+    /// of an outage, are lost. Prefer [`UsageClient::with_spool`].
     pub fn new(client: MetricsServiceClient<MeshChannel>, config: BatchConfig) -> Self {
-        let batcher = Batcher::spawn("usage", config, move |records| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .record(metrics::RecordRequest { records })
-                    .await
-                    .map(|_| ())
-            }
-        });
-        Self { batcher }
+        let batcher = Batcher::spawn("usage", config, record_fn(client));
+        Self {
+            sender: UsageSender::Memory(batcher),
+        }
     }
 
+    /// Every record is first appended to the spool in `spool.dir`, then sent in
+    /// order; what an earlier process left there is sent first. Reports the spooled
+    /// bytes as `crewmesh_usage_spool_bytes` in `metrics`.
+    pub fn with_spool(
+        client: MetricsServiceClient<MeshChannel>,
+        config: BatchConfig,
+        spool: SpoolConfig,
+        metrics: Option<&MetricsRegistry>,
+    ) -> std::io::Result<Self> {
+        let batcher = SpoolBatcher::open("usage", config, spool, metrics, record_fn(client))?;
+        Ok(Self {
+            sender: UsageSender::Spool(batcher),
+        })
+    }
+
+    /// Queues a record; fills in its id and time when empty.
     pub fn record(&self, mut record: metrics::UsageRecord) {
         if record.id.is_empty() {
             record.id = uuid::Uuid::now_v7().to_string();
@@ -259,10 +389,163 @@ impl UsageClient {
         if record.time.is_none() {
             record.time = Some(crewmesh_proto::time::to_timestamp(SystemTime::now()));
         }
-        self.batcher.submit(record);
+        match &self.sender {
+            UsageSender::Memory(b) => {
+                b.submit(record);
+            }
+            UsageSender::Spool(s) => {
+                s.submit(&record);
+            }
+        }
     }
 
+    /// Waits until everything recorded so far is delivered (or `timeout`). With a
+    /// spool, what is not delivered stays on disk for the next start.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        self.batcher.flush(timeout).await
+        match &self.sender {
+            UsageSender::Memory(b) => b.flush(timeout).await,
+            UsageSender::Spool(s) => s.flush(timeout).await,
+        }
+    }
+
+    pub fn stats(&self) -> &crate::batch::BatchStats {
+        match &self.sender {
+            UsageSender::Memory(b) => b.stats(),
+            UsageSender::Spool(s) => s.stats(),
+        }
+    }
+
+    /// Bytes waiting in the spool (0 without one).
+    pub fn spooled_bytes(&self) -> u64 {
+        match &self.sender {
+            UsageSender::Memory(_) => 0,
+            UsageSender::Spool(s) => s.pending_bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crewmesh_proto::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// A metrics service that keeps the ids it is sent, and can be switched down.
+    #[derive(Clone, Default)]
+    struct FakeMetrics {
+        ids: Arc<Mutex<Vec<String>>>,
+        down: Arc<AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for FakeMetrics {
+        async fn record(
+            &self,
+            request: tonic::Request<metrics::RecordRequest>,
+        ) -> Result<tonic::Response<metrics::RecordResponse>, tonic::Status> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(tonic::Status::unavailable("metrics is down"));
+            }
+            let records = request.into_inner().records;
+            let mut ids = self.ids.lock().unwrap();
+            let before = ids.len();
+            for r in records {
+                if !ids.contains(&r.id) {
+                    ids.push(r.id);
+                }
+            }
+            Ok(tonic::Response::new(metrics::RecordResponse {
+                accepted: (ids.len() - before) as u64,
+                duplicates: 0,
+            }))
+        }
+
+        async fn query(
+            &self,
+            _: tonic::Request<metrics::QueryRequest>,
+        ) -> Result<tonic::Response<metrics::QueryResponse>, tonic::Status> {
+            Err(crate::status::not_implemented("Query"))
+        }
+
+        async fn spend(
+            &self,
+            _: tonic::Request<metrics::SpendRequest>,
+        ) -> Result<tonic::Response<metrics::SpendResponse>, tonic::Status> {
+            Err(crate::status::not_implemented("Spend"))
+        }
+    }
+
+    async fn serve(fake: FakeMetrics) -> MetricsServiceClient<MeshChannel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MetricsServiceServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        MetricsServiceClient::new(InjectTrace::new(channel))
+    }
+
+    fn record_n(n: u32) -> metrics::UsageRecord {
+        metrics::UsageRecord {
+            id: format!("0190a5c4-0000-7000-8000-{n:012x}"),
+            ..Default::default()
+        }
+    }
+
+    fn quick() -> BatchConfig {
+        BatchConfig {
+            capacity: 100,
+            max_batch: 8,
+            max_delay: Duration::from_millis(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn spooled_usage_survives_an_outage_and_a_crash_of_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeMetrics::default();
+        fake.down.store(true, Ordering::Relaxed);
+        let client = serve(fake.clone()).await;
+        let registry = MetricsRegistry::new();
+        let usage = UsageClient::with_spool(
+            client.clone(),
+            quick(),
+            SpoolConfig::new(dir.path()),
+            Some(&registry),
+        )
+        .unwrap();
+        for n in 0..20 {
+            usage.record(record_n(n));
+        }
+        // Metrics is down: nothing is delivered, everything waits on disk.
+        assert!(!usage.flush(Duration::from_millis(200)).await);
+        assert!(usage.spooled_bytes() > 0);
+        assert!(
+            registry
+                .encode()
+                .contains("crewmesh_usage_spool_bytes{client=\"usage\"} "),
+            "{}",
+            registry.encode()
+        );
+        // The sender dies; the next one, with the same directory, delivers it all.
+        drop(usage);
+        fake.down.store(false, Ordering::Relaxed);
+        let usage =
+            UsageClient::with_spool(client, quick(), SpoolConfig::new(dir.path()), None).unwrap();
+        usage.record(record_n(20));
+        assert!(usage.flush(Duration::from_secs(10)).await);
+        assert_eq!(
+            *fake.ids.lock().unwrap(),
+            (0..=20).map(|n| record_n(n).id).collect::<Vec<_>>()
+        );
+        assert_eq!(usage.spooled_bytes(), 0);
+        assert_eq!(usage.stats().dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -69,6 +69,8 @@ pub struct ConfigCache {
 #[derive(Debug, Default)]
 struct SyncState {
     last_confirmed: Option<Instant>,
+    /// The store revision confirmed at `last_confirmed`.
+    confirmed_revision: i64,
     last_error: Option<String>,
 }
 
@@ -131,6 +133,15 @@ impl ConfigCache {
     /// snapshot.
     pub fn staleness(&self) -> Option<Duration> {
         lock(&self.sync).last_confirmed.map(|t| t.elapsed())
+    }
+
+    /// The store revision this cache last confirmed it is current to: every change up
+    /// to it, of every kind, has been seen (those of the watched kinds applied). It
+    /// moves with heartbeats and with changes to kinds it does not keep, so it is the
+    /// revision of the process's last confirmed config sync; 0 before the first
+    /// snapshot. Kept while the config service is unreachable (see [`Self::staleness`]).
+    pub fn confirmed_revision(&self) -> i64 {
+        lock(&self.sync).confirmed_revision
     }
 }
 
@@ -257,6 +268,7 @@ impl Watcher {
             *resume_from = (*resume_from).max(msg.revision);
             let mut sync = lock(&self.sync);
             sync.last_confirmed = Some(Instant::now());
+            sync.confirmed_revision = *resume_from;
             sync.last_error = None;
             drop(sync);
             self.readiness.set_ready(READY_CHECK);

@@ -27,6 +27,9 @@
 //! of the process (even `kill -9`) loses nothing: the data is in the operating
 //! system's page cache. The file is `fdatasync`ed every `fsync_interval` (default 1
 //! s; `None`: never), which bounds what a power loss or kernel crash can lose.
+//! [`SpoolBatcher::submit_durable`] also forces the record to stable storage before
+//! it returns (concurrent callers share one `fdatasync`), for callers that must not
+//! act before their record would survive even a power loss.
 //! One directory must be used by one process at a time.
 
 use std::fs::{File, OpenOptions};
@@ -150,19 +153,28 @@ struct SpoolLabels {
     client: String,
 }
 
-fn spool_gauge(registry: Option<&MetricsRegistry>, client: &str) -> Gauge {
-    static FAMILY: OnceLock<Family<SpoolLabels, Gauge>> = OnceLock::new();
-    static REGISTER: Mutex<()> = Mutex::new(());
-    let family = FAMILY.get_or_init(Family::default);
+fn spool_gauge(registry: Option<&MetricsRegistry>, client: &'static str) -> Gauge {
+    // One family per client kind (`crewmesh_<client>_spool_bytes`), shared by every
+    // spool of the process; several services of one process share a registry.
+    static FAMILIES: Mutex<Vec<(&'static str, Family<SpoolLabels, Gauge>)>> =
+        Mutex::new(Vec::new());
+    let families = &mut *FAMILIES.lock().unwrap_or_else(|p| p.into_inner());
+    let family = match families.iter().find(|(name, _)| *name == client) {
+        Some((_, f)) => f.clone(),
+        None => {
+            let f = Family::default();
+            families.push((client, f.clone()));
+            f
+        }
+    };
     if let Some(registry) = registry {
-        let _guard = REGISTER.lock().unwrap_or_else(|p| p.into_inner());
-        // Several services of one process share a registry: register the family once.
+        let metric = format!("{client}_spool_bytes");
         if !registry
             .encode()
-            .contains("# TYPE crewmesh_audit_spool_bytes ")
+            .contains(&format!("# TYPE crewmesh_{metric} "))
         {
             registry.register(
-                "audit_spool_bytes",
+                &metric,
                 "Bytes of accepted items waiting in the local spool for delivery",
                 family.clone(),
             );
@@ -187,6 +199,10 @@ struct Shared {
     acked: watch::Sender<Pos>,
     closed: AtomicBool,
     stats: Arc<BatchStats>,
+    /// Serialises fsyncs, so concurrent durable submits share one.
+    sync_lock: Mutex<()>,
+    /// The segment known durable and the offset it is durable through.
+    synced: Mutex<Pos>,
 }
 
 impl Shared {
@@ -210,22 +226,60 @@ impl Shared {
     /// segment, outside the writer's lock, so `submit` on request tasks never waits
     /// for the disk.
     fn sync(&self) {
-        let file = {
+        if let Err(e) = self.sync_current(false) {
+            tracing::warn!(error = %e, "cannot sync the spool");
+        }
+    }
+
+    /// Syncs the current segment through everything written so far (`force`: even
+    /// when nothing new was written since the last sync).
+    fn sync_current(&self, force: bool) -> std::io::Result<()> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, upto) = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            if !w.dirty {
-                return;
+            if !w.dirty && !force {
+                return Ok(());
             }
             w.dirty = false;
-            w.file.try_clone()
+            (w.file.try_clone(), (w.segment, w.offset))
         };
-        match file {
-            Ok(file) => {
-                if let Err(e) = file.sync_data() {
-                    tracing::warn!(error = %e, "cannot sync the spool");
-                }
+        let result = file.and_then(|f| f.sync_data());
+        match &result {
+            Ok(()) => *self.synced.lock().unwrap_or_else(|p| p.into_inner()) = upto,
+            Err(_) => {
+                // Try again on the next sync.
+                self.writer.lock().unwrap_or_else(|p| p.into_inner()).dirty = true;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot sync the spool"),
         }
+        result
+    }
+
+    /// Blocks until the record ending at `end` is on stable storage.
+    fn sync_through(&self, end: Pos) -> std::io::Result<()> {
+        {
+            let synced = *self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            if synced.0 == end.0 && synced.1 >= end.1 {
+                return Ok(());
+            }
+        }
+        let current = self.write_pos().0;
+        if end.0 < current {
+            // A full segment: sync it by name (gone means delivered and removed).
+            return match File::open(segment_path(&self.dir, end.0)) {
+                Ok(f) => f.sync_data(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        {
+            // Another caller's fsync may have covered this record meanwhile.
+            let _wait = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let synced = *self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            if synced.0 == end.0 && synced.1 >= end.1 {
+                return Ok(());
+            }
+        }
+        self.sync_current(true)
     }
 }
 
@@ -327,6 +381,8 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
             acked,
             closed: AtomicBool::new(false),
             stats: Arc::new(BatchStats::default()),
+            sync_lock: Mutex::new(()),
+            synced: Mutex::new((segment, 0)),
         });
         let reader = Reader {
             dir: shared.dir.clone(),
@@ -345,12 +401,36 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
     /// Appends `item` to the spool. Returns false (and counts a drop) only when the
     /// spool is full (`max_bytes`) or the disk refuses the write.
     pub fn submit(&self, item: &T) -> bool {
+        self.write(item).is_some()
+    }
+
+    /// Appends `item` to the spool and waits until it is on stable storage (the
+    /// `fdatasync` runs on the blocking pool; concurrent callers share one). Returns
+    /// false when the spool is full, the disk refuses the write, or the sync fails:
+    /// the item may then still be delivered, but it was not made durable.
+    pub async fn submit_durable(&self, item: &T) -> bool {
+        let Some(end) = self.write(item) else {
+            return false;
+        };
+        let shared = self.shared.clone();
+        match tokio::task::spawn_blocking(move || shared.sync_through(end)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot sync the spool: the item is not durable");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Writes one record; the position just after it, or `None` when refused.
+    fn write(&self, item: &T) -> Option<Pos> {
         let payload = item.encode_to_vec();
         let size = HEADER + payload.len() as u64;
         if self.shared.pending.load(Ordering::Relaxed) + size > self.shared.config.max_bytes {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!("the spool is full: item dropped");
-            return false;
+            return None;
         }
         let mut record = Vec::with_capacity(size as usize);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -384,23 +464,23 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
                 Ok(()) => {
                     w.offset += size;
                     w.dirty = true;
-                    true
+                    Some((w.segment, w.offset))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot write to the spool: item dropped");
                     // A partial write would corrupt the segment: seal it.
                     let _ = w.file.set_len(w.offset);
-                    false
+                    None
                 }
             }
         };
-        if !written {
+        let Some(end) = written else {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
+            return None;
+        };
         self.shared.set_pending(size, 0);
         self.shared.wake.notify_one();
-        true
+        Some(end)
     }
 
     /// Waits until everything submitted before this call has been acknowledged by the
@@ -608,6 +688,9 @@ async fn run<T, F, Fut>(
     }
 }
 
+/// Longest wait for the destination's answer to one batch.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends one batch until it is accepted (true), refused (true: dropped and counted),
 /// or the spool is closed while the destination is down (false).
 async fn deliver<T, F, Fut>(name: &'static str, items: Vec<T>, send: &F, shared: &Shared) -> bool
@@ -620,7 +703,16 @@ where
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match send(items.clone()).await {
+        // A destination that hangs must not hold the spool up forever: an attempt
+        // that takes longer counts as failed (resending is safe, ids deduplicate).
+        let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, send(items.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {ATTEMPT_TIMEOUT:?}"
+                )))
+            });
+        match sent {
             Ok(()) => return true,
             Err(status) if !is_transient(status.code()) => {
                 shared.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
@@ -834,5 +926,42 @@ mod tests {
             spool.stats().dropped.load(Ordering::Relaxed),
             20 - accepted as u64
         );
+    }
+
+    #[tokio::test]
+    async fn durable_submits_are_synced_and_refused_when_the_spool_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Sink::default();
+        sink.down.store(true, Ordering::Relaxed);
+        let spool = sink.open(dir.path(), 10);
+        // Concurrent durable submits across segment boundaries all succeed.
+        let results = futures::future::join_all((0..40).map(|n| {
+            let spool = spool.clone();
+            async move { spool.submit_durable(&item(n)).await }
+        }))
+        .await;
+        assert!(results.iter().all(|&ok| ok));
+        let synced = *spool.shared.synced.lock().unwrap();
+        assert_eq!(synced, spool.shared.write_pos());
+        sink.down.store(false, Ordering::Relaxed);
+        assert!(spool.flush(Duration::from_secs(10)).await);
+        let mut got = sink.ids();
+        got.sort();
+        assert_eq!(got, (0..40).map(|n| item(n).id).collect::<Vec<_>>());
+
+        let full = tempfile::tempdir().unwrap();
+        let mut config = SpoolConfig::new(full.path());
+        config.max_bytes = 60;
+        let spool = SpoolBatcher::open(
+            "test",
+            BatchConfig::default(),
+            config,
+            None,
+            |_: Vec<EventInput>| async { Err(tonic::Status::unavailable("down")) },
+        )
+        .unwrap();
+        assert!(spool.submit_durable(&item(1)).await);
+        assert!(!spool.submit_durable(&item(2)).await);
+        assert_eq!(spool.stats().dropped.load(Ordering::Relaxed), 1);
     }
 }

@@ -1,15 +1,29 @@
 //! The model catalog: model aliases and the provider deployments behind them, built
-//! from the `provider` and `model` config documents and swapped atomically whenever
-//! the config snapshot changes.
+//! from the `provider`, `model` and `flag` config documents and swapped atomically
+//! whenever the config snapshot changes.
+//!
+//! A model may carry `variants` (named deployment sets) and a `flag` whose string
+//! values name them: [`Catalog::select`] evaluates the flag in-process for each
+//! request (targeting key: the request's user, else its tenant) and routes to the
+//! chosen variant's deployments, so a team can A/B test models by percentage or by
+//! tenant. When the flag cannot choose (missing, or a value that names no variant —
+//! both refused by the config service, so only a race can cause them) the alias's
+//! own `deployments` serve, with a warning in the log and a count in
+//! [`VariantMetrics`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crewmesh_kit::config_cache::Snapshot;
+use crewmesh_kit::flags::{EvaluationContext, Flag};
+use crewmesh_kit::observe::MetricsRegistry;
 use crewmesh_kit::settings::{Secret, read_secret_file};
 use crewmesh_proto::config::v1::Kind;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 
 pub const GLOBAL: &str = "_global";
@@ -20,6 +34,10 @@ pub struct ProviderSpec {
     #[serde(rename = "type")]
     pub kind: String,
     pub base_url: String,
+    /// An inline key, encrypted in the config store; the config service sends it to
+    /// the router's identity only, decrypted, as `{"value": "..."}`.
+    #[serde(default)]
+    pub api_key: Option<InlineKey>,
     /// Name of an environment variable holding the API key.
     #[serde(default)]
     pub api_key_env: Option<String>,
@@ -36,6 +54,17 @@ pub struct ProviderSpec {
     /// Time allowed for the whole attempt, body included.
     #[serde(default)]
     pub total_timeout_ms: Option<u64>,
+}
+
+/// A provider's inline key as the config service shows it to the router.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InlineKey {
+    /// The decrypted key; absent when the config service could not decrypt it.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Why the key is not shown (e.g. a wrong secrets_key_file).
+    #[serde(default)]
+    pub redacted: Option<String>,
 }
 
 /// The timeouts of one provider; unset ones take the router's defaults.
@@ -155,9 +184,24 @@ pub enum Strategy {
     Adaptive,
 }
 
+/// One named deployment set of a model alias.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VariantSpec {
+    pub deployments: Vec<DeploymentSpec>,
+    /// Default: the alias's strategy.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelSpec {
     pub deployments: Vec<DeploymentSpec>,
+    /// Deployment sets chosen per request by `flag`.
+    #[serde(default)]
+    pub variants: BTreeMap<String, VariantSpec>,
+    /// The flag (same tenant, else `_global`) whose values name variants.
+    #[serde(default)]
+    pub flag: Option<String>,
     #[serde(default)]
     pub owned_by: Option<String>,
     #[serde(default)]
@@ -222,11 +266,110 @@ pub struct Model {
     pub cache: Option<CacheSpec>,
 }
 
+/// How an alias picks one of its variants per request.
+#[derive(Debug)]
+pub struct VariantSet {
+    /// The flag document's name.
+    pub flag_name: String,
+    /// The flag, looked up from the model's owner (its tenant, else `_global`);
+    /// `None` when there is no such flag.
+    pub flag: Option<Arc<Flag>>,
+    /// Each variant as a model of its own (same alias, the variant's deployments).
+    pub models: BTreeMap<String, Arc<Model>>,
+}
+
+/// The model a request is served by.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub model: Arc<Model>,
+    /// The variant chosen by the alias's flag, if it has variants and the flag chose.
+    pub variant: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VariantLabels {
+    model: String,
+    /// The chosen variant, or `default` when the flag chose none.
+    variant: String,
+    /// `chosen`, `flag_missing` or `no_such_variant`.
+    outcome: &'static str,
+}
+
+/// `crewmesh_router_model_variant_requests_total{model, variant, outcome}`: how
+/// requests to aliases with variants were routed.
+#[derive(Clone, Debug, Default)]
+pub struct VariantMetrics {
+    requests: Family<VariantLabels, Counter>,
+}
+
+impl VariantMetrics {
+    pub fn register(metrics: &MetricsRegistry) -> Self {
+        let m = Self::default();
+        metrics.register(
+            "router_model_variant_requests",
+            "Requests to model aliases with variants, by the variant their flag chose (default: none, see outcome)",
+            m.requests.clone(),
+        );
+        m
+    }
+
+    fn count(&self, model: &str, variant: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&VariantLabels {
+                model: model.to_owned(),
+                variant: variant.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
 /// Every alias, by (tenant or `_global`, alias).
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub revision: i64,
     models: HashMap<(String, String), Arc<Model>>,
+    variants: HashMap<(String, String), VariantSet>,
+    metrics: VariantMetrics,
+}
+
+/// The deployments of one deployment list; `prefix` names those without a name
+/// (`<prefix>/<index>`).
+fn build_deployments(
+    tenant: &str,
+    alias: &str,
+    prefix: &str,
+    specs: &[DeploymentSpec],
+    providers: &HashMap<(String, String), Arc<Provider>>,
+) -> Vec<Deployment> {
+    let mut deployments: Vec<Deployment> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let provider = providers
+                .get(&(tenant.to_owned(), d.provider.clone()))
+                .or_else(|| providers.get(&(GLOBAL.to_owned(), d.provider.clone())))
+                .cloned()
+                .ok_or_else(|| d.provider.clone());
+            let name = d.name.clone().unwrap_or_else(|| format!("{prefix}/{i}"));
+            Deployment {
+                key: format!("{tenant}/{alias}/{name}"),
+                name,
+                provider,
+                upstream_model: d.model.clone(),
+                priority: d.priority,
+                weight: if d.weight > 0.0 { d.weight } else { 1.0 },
+                input_price_per_1m: d.input_price_per_1m,
+                output_price_per_1m: d.output_price_per_1m,
+                rpm: d.rpm,
+                tpm: d.tpm,
+                quality_tier: d.quality_tier,
+                context_window: d.context_window,
+            }
+        })
+        .collect();
+    deployments.sort_by_key(|d| d.priority);
+    deployments
 }
 
 impl Catalog {
@@ -258,7 +401,30 @@ impl Catalog {
                 }
             }
         }
+        let mut flags: HashMap<(String, String), Arc<Flag>> = HashMap::new();
+        for doc in snap.of_kind(Kind::Flag) {
+            let parsed =
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&doc.spec_json)
+                    .map_err(|e| e.to_string())
+                    .and_then(|spec| {
+                        Flag::parse(&doc.name, &spec).map_err(|ps| {
+                            ps.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        })
+                    });
+            match parsed {
+                Ok(flag) => {
+                    flags.insert((doc.tenant.clone(), doc.name.clone()), Arc::new(flag));
+                }
+                Err(e) => {
+                    tracing::warn!(flag = %doc.name, tenant = %doc.tenant, error = %e, "skipping flag document")
+                }
+            }
+        }
         let mut models = HashMap::new();
+        let mut variants = HashMap::new();
         for doc in snap.of_kind(Kind::Model) {
             let spec = match serde_json::from_str::<ModelSpec>(&doc.spec_json) {
                 Ok(s) => s,
@@ -267,54 +433,127 @@ impl Catalog {
                     continue;
                 }
             };
-            let mut deployments: Vec<Deployment> = spec
-                .deployments
-                .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let provider = providers
-                        .get(&(doc.tenant.clone(), d.provider.clone()))
-                        .or_else(|| providers.get(&(GLOBAL.to_owned(), d.provider.clone())))
-                        .cloned()
-                        .ok_or_else(|| d.provider.clone());
-                    let name = d
-                        .name
-                        .clone()
-                        .unwrap_or_else(|| format!("{}/{}", doc.name, i));
-                    Deployment {
-                        key: format!("{}/{}/{}", doc.tenant, doc.name, name),
-                        name,
-                        provider,
-                        upstream_model: d.model.clone(),
-                        priority: d.priority,
-                        weight: if d.weight > 0.0 { d.weight } else { 1.0 },
-                        input_price_per_1m: d.input_price_per_1m,
-                        output_price_per_1m: d.output_price_per_1m,
-                        rpm: d.rpm,
-                        tpm: d.tpm,
-                        quality_tier: d.quality_tier,
-                        context_window: d.context_window,
-                    }
-                })
-                .collect();
-            deployments.sort_by_key(|d| d.priority);
-            models.insert(
-                (doc.tenant.clone(), doc.name.clone()),
-                Arc::new(Model {
-                    alias: doc.name.clone(),
-                    owned_by: spec.owned_by.unwrap_or_else(|| "crewmesh".to_owned()),
-                    deployments,
-                    strategy: spec.strategy,
-                    fallback_models: spec.fallback_models,
-                    retry: spec.retry,
-                    breaker: spec.breaker,
-                    cache: spec.cache,
-                }),
+            let deployments = build_deployments(
+                &doc.tenant,
+                &doc.name,
+                &doc.name,
+                &spec.deployments,
+                &providers,
             );
+            let model = Model {
+                alias: doc.name.clone(),
+                owned_by: spec.owned_by.unwrap_or_else(|| "crewmesh".to_owned()),
+                deployments,
+                strategy: spec.strategy,
+                fallback_models: spec.fallback_models,
+                retry: spec.retry,
+                breaker: spec.breaker,
+                cache: spec.cache,
+            };
+            if let Some(flag_name) = spec.flag.filter(|_| !spec.variants.is_empty()) {
+                let flag = flags
+                    .get(&(doc.tenant.clone(), flag_name.clone()))
+                    .or_else(|| flags.get(&(GLOBAL.to_owned(), flag_name.clone())))
+                    .cloned();
+                if flag.is_none() {
+                    tracing::warn!(model = %doc.name, tenant = %doc.tenant, flag = %flag_name, "the model's flag does not exist; its requests use its default deployments");
+                }
+                let models = spec
+                    .variants
+                    .iter()
+                    .map(|(name, v)| {
+                        let mut m = model.clone();
+                        m.deployments = build_deployments(
+                            &doc.tenant,
+                            &doc.name,
+                            &format!("{}/{name}", doc.name),
+                            &v.deployments,
+                            &providers,
+                        );
+                        m.strategy = v.strategy.unwrap_or(model.strategy);
+                        (name.clone(), Arc::new(m))
+                    })
+                    .collect();
+                variants.insert(
+                    (doc.tenant.clone(), doc.name.clone()),
+                    VariantSet {
+                        flag_name,
+                        flag,
+                        models,
+                    },
+                );
+            }
+            models.insert((doc.tenant.clone(), doc.name.clone()), Arc::new(model));
         }
         Self {
             revision: snap.revision,
             models,
+            variants,
+            metrics: VariantMetrics::default(),
+        }
+    }
+
+    /// Counts variant choices in `metrics` (registered once per process).
+    pub fn with_metrics(mut self, metrics: VariantMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The model that serves a request for `alias` from `tenant` on behalf of `user`
+    /// (may be empty): the alias as the tenant sees it (see [`Self::resolve`]) and,
+    /// when it has variants, the one its flag chooses for the context
+    /// `{targetingKey: user, else tenant; tenant; model: alias; user}`.
+    pub fn select(&self, tenant: &str, alias: &str, user: &str) -> Option<Selection> {
+        let own = (tenant.to_owned(), alias.to_owned());
+        let key = if self.models.contains_key(&own) {
+            own
+        } else {
+            (GLOBAL.to_owned(), alias.to_owned())
+        };
+        let model = self.models.get(&key)?.clone();
+        let Some(set) = self.variants.get(&key) else {
+            return Some(Selection {
+                model,
+                variant: None,
+            });
+        };
+        let Some(flag) = &set.flag else {
+            self.metrics.count(alias, "default", "flag_missing");
+            return Some(Selection {
+                model,
+                variant: None,
+            });
+        };
+        let mut attributes = serde_json::Map::new();
+        attributes.insert("tenant".into(), tenant.into());
+        attributes.insert("model".into(), alias.into());
+        attributes.insert("user".into(), user.into());
+        let ctx = EvaluationContext {
+            targeting_key: Some(if user.is_empty() { tenant } else { user }.to_owned()),
+            attributes,
+        };
+        let evaluation = flag.evaluate(&ctx);
+        let chosen = evaluation
+            .value
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .and_then(|v| set.models.get_key_value(v));
+        match chosen {
+            Some((name, m)) if evaluation.error.is_none() => {
+                self.metrics.count(alias, name, "chosen");
+                Some(Selection {
+                    model: m.clone(),
+                    variant: Some(name.clone()),
+                })
+            }
+            _ => {
+                self.metrics.count(alias, "default", "no_such_variant");
+                tracing::warn!(model = %alias, %tenant, flag = %set.flag_name, value = ?evaluation.value, error = ?evaluation.error, "the model's flag chose no variant; using its default deployments");
+                Some(Selection {
+                    model,
+                    variant: None,
+                })
+            }
         }
     }
 
@@ -346,6 +585,14 @@ impl Catalog {
 }
 
 fn resolve_key(provider: &str, spec: &ProviderSpec) -> Option<Secret> {
+    if let Some(inline) = &spec.api_key {
+        match (&inline.value, &inline.redacted) {
+            (Some(v), _) => return Some(Secret::new(v.clone())),
+            (None, why) => {
+                tracing::warn!(%provider, reason = why.as_deref().unwrap_or("not sent"), "the provider's inline api_key is not available")
+            }
+        }
+    }
     if let Some(path) = &spec.api_key_file {
         match read_secret_file(path) {
             Ok(s) => return Some(s),
@@ -432,5 +679,120 @@ mod tests {
         );
         assert!(cat.resolve("acme", "nope").is_none());
         assert_eq!(cat.visible("acme").len(), 1);
+    }
+
+    fn ab_snapshot(flag: Option<serde_json::Value>) -> Snapshot {
+        let mut snap = Snapshot::default();
+        let mut docs = vec![
+            doc(
+                GLOBAL,
+                Kind::Provider,
+                "p",
+                serde_json::json!({"type": "openai", "base_url": "http://x/v1"}),
+            ),
+            doc(
+                GLOBAL,
+                Kind::Model,
+                "m",
+                serde_json::json!({
+                    "deployments": [{"provider": "p", "model": "default"}],
+                    "flag": "m-ab",
+                    "variants": {
+                        "blue": {"deployments": [{"provider": "p", "model": "model-blue"}]},
+                        "green": {"deployments": [{"provider": "p", "model": "model-green", "name": "g"}], "strategy": "weighted"},
+                    },
+                }),
+            ),
+        ];
+        if let Some(f) = flag {
+            docs.push(doc(GLOBAL, Kind::Flag, "m-ab", f));
+        }
+        for (k, d) in docs {
+            snap.documents.insert(k, d);
+        }
+        snap
+    }
+
+    #[test]
+    fn a_flag_picks_the_variant_per_targeting_key() {
+        let cat = Catalog::from_snapshot(&ab_snapshot(Some(serde_json::json!({
+            "variants": {"blue": "blue", "green": "green"},
+            "default_variant": "blue",
+            "rules": [{"when": {"attribute": "tenant", "op": "equals", "value": "acme"}, "variant": "green"}],
+            "rollout": [{"variant": "blue", "weight": 50}, {"variant": "green", "weight": 50}],
+        }))));
+        let pick = |tenant: &str, user: &str| {
+            let s = cat.select(tenant, "m", user).unwrap();
+            (
+                s.variant.unwrap(),
+                s.model.deployments[0].upstream_model.clone(),
+                s.model.deployments[0].name.clone(),
+            )
+        };
+        // The split follows the flag's consistent bucketing of the user...
+        for user in ["u1", "u2", "u3", "u4", "u5", "u6"] {
+            let expected = if crewmesh_kit::flags::bucket("m-ab", user) < 5000 {
+                ("blue", "model-blue", "m/blue/0")
+            } else {
+                ("green", "model-green", "g")
+            };
+            let got = pick("other", user);
+            assert_eq!(
+                (got.0.as_str(), got.1.as_str(), got.2.as_str()),
+                expected,
+                "{user}"
+            );
+            assert_eq!(pick("other", user), got, "same key, same variant");
+        }
+        // ...or of the tenant when there is no user; a tenant rule wins.
+        let expected = if crewmesh_kit::flags::bucket("m-ab", "globex") < 5000 {
+            "blue"
+        } else {
+            "green"
+        };
+        assert_eq!(pick("globex", "").0, expected);
+        assert_eq!(pick("acme", "u1").0, "green");
+        let metrics = VariantMetrics::default();
+        let counting = Catalog::from_snapshot(&ab_snapshot(Some(serde_json::json!({
+            "variants": {"blue": "blue"}, "default_variant": "blue",
+        }))))
+        .with_metrics(metrics.clone());
+        counting.select("acme", "m", "u1").unwrap();
+        counting.select("acme", "m", "u2").unwrap();
+        assert_eq!(counted(&metrics, "blue", "chosen"), 2);
+        let green = cat.select("acme", "m", "").unwrap().model;
+        assert_eq!(green.strategy, Strategy::WeightedRandom);
+        assert_eq!(green.deployments[0].key, "_global/m/g");
+        assert_eq!(green.alias, "m");
+    }
+
+    fn counted(m: &VariantMetrics, variant: &str, outcome: &'static str) -> u64 {
+        m.requests
+            .get_or_create(&VariantLabels {
+                model: "m".into(),
+                variant: variant.into(),
+                outcome,
+            })
+            .get()
+    }
+
+    #[test]
+    fn without_its_flag_a_model_uses_its_default_deployments() {
+        let metrics = VariantMetrics::default();
+        let cat = Catalog::from_snapshot(&ab_snapshot(None)).with_metrics(metrics.clone());
+        let s = cat.select("acme", "m", "u1").unwrap();
+        assert_eq!(counted(&metrics, "default", "flag_missing"), 1);
+        assert_eq!(s.variant, None);
+        assert_eq!(s.model.deployments[0].upstream_model, "default");
+        // A value that names no variant falls back the same way.
+        let cat = Catalog::from_snapshot(&ab_snapshot(Some(serde_json::json!({
+            "variants": {"x": "purple"}, "default_variant": "x",
+        }))))
+        .with_metrics(metrics.clone());
+        let s = cat.select("acme", "m", "u1").unwrap();
+        assert_eq!(s.variant, None);
+        assert_eq!(counted(&metrics, "default", "no_such_variant"), 1);
+        assert_eq!(s.model.deployments[0].upstream_model, "default");
+        assert!(cat.select("acme", "nope", "u1").is_none());
     }
 }

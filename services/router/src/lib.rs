@@ -31,7 +31,6 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use crewmesh_kit::batch::BatchConfig;
 use crewmesh_kit::clients::{AuditClient, Peers, UsageClient};
 use crewmesh_kit::config_cache::ConfigCache;
 use crewmesh_kit::mesh::Service;
@@ -116,7 +115,7 @@ impl Application {
             .map_err(|e| RouterError::Startup(e.to_string()))?;
         let cache = ConfigCache::spawn(
             config_client,
-            vec![Kind::Provider, Kind::Model],
+            vec![Kind::Provider, Kind::Model, Kind::Flag],
             config.refresh_interval,
             server.readiness(),
             &metrics,
@@ -124,26 +123,24 @@ impl Application {
         let catalog = Arc::new(ArcSwap::from_pointee(catalog::Catalog::default()));
         {
             let catalog = catalog.clone();
+            let variant_metrics = catalog::VariantMetrics::register(&metrics);
             let mut rx = cache.subscribe();
             tokio::spawn(async move {
                 loop {
                     let snap = rx.borrow_and_update().clone();
-                    catalog.store(Arc::new(catalog::Catalog::from_snapshot(&snap)));
+                    catalog.store(Arc::new(
+                        catalog::Catalog::from_snapshot(&snap)
+                            .with_metrics(variant_metrics.clone()),
+                    ));
                     if rx.changed().await.is_err() {
                         return;
                     }
                 }
             });
         }
-        let usage = match common.peers.metrics {
-            Some(_) => Some(UsageClient::new(
-                peers
-                    .metrics()
-                    .map_err(|e| RouterError::Startup(e.to_string()))?,
-                BatchConfig::default(),
-            )),
-            None => None,
-        };
+        let usage = peers
+            .usage_client(&common.server, &metrics)
+            .map_err(|e| RouterError::Startup(e.to_string()))?;
         let audit = peers
             .audit_client(Service::Router, &common.server, &metrics)
             .map_err(|e| RouterError::Startup(e.to_string()))?;

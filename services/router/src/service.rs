@@ -226,13 +226,14 @@ impl Core {
     fn plan(&self, tenant: &str, req: &pb::CompleteRequest) -> Result<Vec<Candidate>, RouterError> {
         let catalog = self.catalog.load();
         let primary = catalog
-            .resolve(tenant, &req.model)
+            .select(tenant, &req.model, &req.user)
+            .map(|s| s.model)
             .ok_or_else(|| RouterError::UnknownModel(req.model.clone()))?;
         let routing = req.routing.clone().unwrap_or_default();
         let mut models = vec![primary.clone()];
         if routing.fallback_models.is_empty() {
             for alias in &primary.fallback_models {
-                match catalog.resolve(tenant, alias) {
+                match catalog.select(tenant, alias, &req.user).map(|s| s.model) {
                     Some(m) => models.push(m),
                     None => {
                         tracing::warn!(model = %primary.alias, fallback = %alias, "fallback alias is not configured for the tenant")
@@ -242,7 +243,8 @@ impl Core {
         } else {
             for alias in &routing.fallback_models {
                 let m = catalog
-                    .resolve(tenant, alias)
+                    .select(tenant, alias, &req.user)
+                    .map(|s| s.model)
                     .ok_or_else(|| RouterError::UnknownModel(alias.clone()))?;
                 models.push(m);
             }

@@ -39,9 +39,15 @@ pub(crate) enum ApiError {
     /// Injected fault `error-500`.
     #[error("simulated upstream failure")]
     SimulatedServerError,
-    /// Injected fault `error-429`.
+    /// Injected fault `error-429`, or a rate limit set at run time.
     #[error("simulated rate limit exceeded")]
-    SimulatedRateLimit,
+    SimulatedRateLimit { retry_after_s: u64 },
+    /// An error status set at run time (`error_rate`/`error_status`).
+    #[error("simulated upstream failure")]
+    SimulatedStatus(StatusCode),
+    /// `GET`/`DELETE /_sim/faults/{model}` for a model without settings.
+    #[error("no simulated fault settings for model {0:?}")]
+    NoFaultSettings(String),
     /// Injected fault `error-400`.
     #[error("simulated invalid request")]
     SimulatedBadRequest,
@@ -91,7 +97,9 @@ impl ApiError {
             | Self::SimulatedBadRequest => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::SimulatedServerError | Self::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::SimulatedRateLimit => StatusCode::TOO_MANY_REQUESTS,
+            Self::SimulatedRateLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::SimulatedStatus(status) => *status,
+            Self::NoFaultSettings(_) => StatusCode::NOT_FOUND,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
         }
@@ -105,15 +113,18 @@ impl ApiError {
             | Self::BodyUnreadable(_)
             | Self::UnknownFault(_)
             | Self::SimulatedBadRequest
-            | Self::NotFound { .. } => "invalid_request_error",
+            | Self::NotFound { .. }
+            | Self::NoFaultSettings(_) => "invalid_request_error",
             Self::SimulatedServerError | Self::ShuttingDown | Self::Encode(_) => "server_error",
-            Self::SimulatedRateLimit => "requests",
+            Self::SimulatedStatus(status) if status.is_server_error() => "server_error",
+            Self::SimulatedStatus(_) => "invalid_request_error",
+            Self::SimulatedRateLimit { .. } => "requests",
         }
     }
 
     fn code(&self) -> Option<&'static str> {
         match self {
-            Self::SimulatedRateLimit => Some("rate_limit_exceeded"),
+            Self::SimulatedRateLimit { .. } => Some("rate_limit_exceeded"),
             Self::NotFound { .. } => Some("unknown_url"),
             _ => None,
         }
@@ -145,10 +156,10 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %cause, "failed to encode a simulated response");
         }
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, Self::SimulatedRateLimit) {
+        if let Self::SimulatedRateLimit { retry_after_s } = self {
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
         }
         response
     }
@@ -186,12 +197,30 @@ mod tests {
 
     #[test]
     fn rate_limit_sets_retry_after() {
-        let response = ApiError::SimulatedRateLimit.into_response();
+        let response = ApiError::SimulatedRateLimit { retry_after_s: 1 }.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             response.headers().get(RETRY_AFTER),
             Some(&HeaderValue::from_static("1"))
         );
+        let response = ApiError::SimulatedRateLimit { retry_after_s: 30 }.into_response();
+        assert_eq!(
+            response.headers().get(RETRY_AFTER),
+            Some(&HeaderValue::from_static("30"))
+        );
+    }
+
+    #[test]
+    fn injected_status_keeps_its_code_and_class() {
+        let err = ApiError::SimulatedStatus(StatusCode::BAD_GATEWAY);
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            body_json(&err),
+            r#"{"error":{"message":"simulated upstream failure","type":"server_error","code":null}}"#
+        );
+        let err = ApiError::SimulatedStatus(StatusCode::CONFLICT);
+        assert_eq!(err.status(), StatusCode::CONFLICT);
+        assert_eq!(err.error_type(), "invalid_request_error");
     }
 
     #[test]

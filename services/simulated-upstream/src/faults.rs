@@ -58,7 +58,7 @@ impl Fault {
     pub(crate) fn error(self) -> Option<ApiError> {
         match self {
             Self::Error500 => Some(ApiError::SimulatedServerError),
-            Self::Error429 => Some(ApiError::SimulatedRateLimit),
+            Self::Error429 => Some(ApiError::SimulatedRateLimit { retry_after_s: 1 }),
             Self::Error400 => Some(ApiError::SimulatedBadRequest),
             Self::Slow(_) | Self::StreamBreak | Self::Hang => None,
         }

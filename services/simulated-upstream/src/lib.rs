@@ -10,6 +10,7 @@
 //!   any id. Completions accept any model name.
 //! * `POST /v1/chat/completions` speaks the OpenAI wire format (see below).
 //! * `GET /healthz` answers `200`.
+//! * `/_sim/faults` sets fault settings at run time (see below).
 //! * Anything else is a `404` with an OpenAI error body.
 //!
 //! The `Authorization` header is accepted and ignored (any bearer token works); no header
@@ -83,6 +84,45 @@
 //! shutdown, `hang` and `slow-*` requests still in flight are answered `503` so the drain
 //! can finish.
 //!
+//! # Fault settings at run time
+//!
+//! Faults can also be set per deployment (the upstream model name a request names) while
+//! the upstream runs, through a small admin API on the same port (plain HTTP, no
+//! authentication: the simulated upstream is a local test tool):
+//!
+//! * `PUT /_sim/faults/{model}` with a JSON body installs or replaces the settings of
+//!   `model`; `*` is the default for every model without settings of its own. The answer
+//!   is the installed entry.
+//! * `GET /_sim/faults` lists every entry (`model`, `settings` with defaults filled in,
+//!   `requests` drawn and `faults_injected` so far); `GET /_sim/faults/{model}` shows one.
+//! * `DELETE /_sim/faults/{model}` clears one (`404` if it had none); `DELETE
+//!   /_sim/faults` clears all.
+//!
+//! ```json
+//! { "error_rate": 0.2, "error_status": 500,
+//!   "rate_limit": {"rate": 0.1, "retry_after_s": 2},
+//!   "latency": {"distribution": "lognormal", "median_ms": 20, "p99_ms": 200},
+//!   "hang_rate": 0.0, "drop_mid_stream_rate": 0.0, "drop_after_chunks": 2, "seed": 42 }
+//! ```
+//!
+//! Every field is optional (rates default to 0, `error_status` to 500, `retry_after_s`
+//! to 1, `drop_after_chunks` to 2). Latency distributions: `fixed` (`ms`), `uniform`
+//! (`min_ms`, `max_ms`), `normal` (`mean_ms`, `stddev_ms`; negative draws become 0) and
+//! `lognormal` (`median_ms`, `p99_ms`); every draw is cut to 30,000 ms. Parsing is strict:
+//! an unknown field, a rate outside `[0, 1]`, an `error_status` outside 400..=599 or a
+//! field the chosen distribution does not take is a `400` whose `param` names the field,
+//! and nothing is installed. A change is swapped in atomically and applies from the next
+//! request on.
+//!
+//! Per request: the latency is waited first (for every request, faulted or not), then at
+//! most one fault is acted out, checked in this order: hang, rate limit (`429` with
+//! `Retry-After: retry_after_s`), error (`error_status`, `server_error` body for 5xx),
+//! drop (a stream is cut after the opening chunk and `drop_after_chunks` content
+//! chunks, a plain answer halfway through its JSON, and the connection is dropped).
+//! With `seed` the draws are reproducible: the same sequence of requests to a model gets
+//! the same faults after each `PUT`. The `x-sim-fault` header, and then a fault-named
+//! model, win over these settings (`x-sim-fault: none` turns them off for a request).
+//!
 //! # Use
 //!
 //! ```no_run
@@ -106,6 +146,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod fault_settings;
 mod faults;
 mod reply;
 mod routes;
@@ -121,6 +162,7 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use fault_settings::ANY_MODEL;
 pub use faults::FAULT_HEADER;
 pub use routes::{LISTED_MODELS, SIMULATED_HEADER};
 
@@ -173,6 +215,7 @@ impl SimulatedUpstream {
         let app = routes::app(routes::AppState {
             requests: self.requests,
             shutdown: routes::ShutdownSignal::new(signal),
+            faults: Arc::default(),
         });
         let listener = self.listener.tap_io(|socket| {
             if let Err(err) = socket.set_nodelay(true) {
@@ -198,5 +241,6 @@ pub fn router() -> axum::Router {
     routes::app(routes::AppState {
         requests: Arc::new(AtomicU64::new(0)),
         shutdown: routes::ShutdownSignal::new(signal),
+        faults: Arc::default(),
     })
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -14,12 +15,14 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use futures::stream;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::error::{ApiError, Result};
+use crate::fault_settings::{Action, Draw, FaultSettings, FaultTable};
 use crate::faults::{Fault, HeaderFault, broken_body};
 use crate::reply::{build_reply, completion, completion_id};
-use crate::stream::{break_point, chunks, encode, events};
+use crate::stream::{FRAGMENTS_BEFORE_BREAK, break_point, chunks, encode, events};
 use crate::wire::{ChatRequest, ModelCard, ModelList};
 
 /// Largest accepted request body.
@@ -52,6 +55,8 @@ impl ShutdownSignal {
 pub(crate) struct AppState {
     pub(crate) requests: Arc<AtomicU64>,
     pub(crate) shutdown: ShutdownSignal,
+    /// Fault settings made at run time through `/_sim/faults`.
+    pub(crate) faults: Arc<FaultTable>,
 }
 
 /// The router with its layers; the last layer added is the outermost.
@@ -61,6 +66,11 @@ pub(crate) fn app(state: AppState) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/healthz", get(healthz))
+        .route("/_sim/faults", get(list_faults).delete(delete_all_faults))
+        .route(
+            "/_sim/faults/{*model}",
+            get(get_faults).put(put_faults).delete(delete_faults),
+        )
         .fallback(not_found)
         .with_state(state)
         // Caps request bodies at 4 MiB; the chat handler turns the rejection into an
@@ -115,6 +125,53 @@ async fn chat_completions(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// What a request acts out: a delay, then an answer, no answer, an error or a broken body.
+#[derive(Debug)]
+enum Plan {
+    Answer,
+    Hang,
+    Reject(ApiError),
+    Break { fragments: usize },
+}
+
+impl Plan {
+    fn of_fault(fault: Option<Fault>) -> (Duration, Self) {
+        match fault {
+            None => (Duration::ZERO, Self::Answer),
+            Some(Fault::Slow(delay)) => (delay, Self::Answer),
+            Some(Fault::Hang) => (Duration::ZERO, Self::Hang),
+            Some(Fault::StreamBreak) => (
+                Duration::ZERO,
+                Self::Break {
+                    fragments: FRAGMENTS_BEFORE_BREAK,
+                },
+            ),
+            Some(fault) => (
+                Duration::ZERO,
+                fault.error().map_or(Self::Answer, Self::Reject),
+            ),
+        }
+    }
+
+    fn of_draw(draw: Draw) -> (Duration, Self) {
+        let plan = match draw.action {
+            Action::Answer => Self::Answer,
+            Action::Hang => Self::Hang,
+            Action::RateLimit { retry_after_s } => {
+                Self::Reject(ApiError::SimulatedRateLimit { retry_after_s })
+            }
+            Action::Error(StatusCode::INTERNAL_SERVER_ERROR) => {
+                Self::Reject(ApiError::SimulatedServerError)
+            }
+            Action::Error(status) => Self::Reject(ApiError::SimulatedStatus(status)),
+            Action::Drop { after_chunks } => Self::Break {
+                fragments: after_chunks as usize,
+            },
+        };
+        (draw.delay, plan)
+    }
+}
+
 async fn serve_chat(
     state: &AppState,
     headers: &HeaderMap,
@@ -130,41 +187,46 @@ async fn serve_chat(
     let body = body.map_err(|rejection| ApiError::from_body_rejection(&rejection))?;
     let req = ChatRequest::parse(&body)?;
     let fault = header_fault.resolve(&req.model);
+    // The header, then a fault-named model, then the settings made at run time.
+    let (delay, plan) = match (header_fault, fault) {
+        (HeaderFault::Absent, None) => match state.faults.lookup(&req.model) {
+            Some(settings) => Plan::of_draw(settings.draw()),
+            None => Plan::of_fault(None),
+        },
+        (_, fault) => Plan::of_fault(fault),
+    };
     tracing::debug!(
         model = %req.model,
         stream = req.stream,
         n = req.n,
         tools = req.tools.len(),
-        fault = ?fault,
+        delay_ms = delay.as_millis() as u64,
+        plan = ?plan,
         "simulated chat completion"
     );
 
-    match fault {
-        Some(Fault::Hang) => {
+    if !delay.is_zero() {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = state.shutdown.wait() => return Err(ApiError::ShuttingDown),
+        }
+    }
+    let break_after = match plan {
+        Plan::Answer => None,
+        Plan::Hang => {
             state.shutdown.wait().await;
             return Err(ApiError::ShuttingDown);
         }
-        Some(Fault::Slow(delay)) => {
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = state.shutdown.wait() => return Err(ApiError::ShuttingDown),
-            }
-        }
-        Some(fault) => {
-            if let Some(err) = fault.error() {
-                return Err(err);
-            }
-        }
-        None => {}
-    }
-    let break_stream = fault == Some(Fault::StreamBreak);
+        Plan::Reject(err) => return Err(err),
+        Plan::Break { fragments } => Some(fragments),
+    };
 
     let id = completion_id(&body);
     let reply = build_reply(&req);
     if req.stream {
         let chunks = chunks(&id, &req, &reply);
-        let body = if break_stream {
-            let frames = chunks[..break_point(&chunks)]
+        let body = if let Some(fragments) = break_after {
+            let frames = chunks[..break_point(&chunks, fragments)]
                 .iter()
                 .map(encode)
                 .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -186,7 +248,7 @@ async fn serve_chat(
             .into_response())
     } else {
         let json = Bytes::from(serde_json::to_vec(&completion(id, &req, &reply))?);
-        let body = if break_stream {
+        let body = if break_after.is_some() {
             // Not streamed: the connection drops halfway through the JSON body.
             broken_body(vec![json.slice(..json.len() / 2)])
         } else {
@@ -199,4 +261,51 @@ async fn serve_chat(
         )
             .into_response())
     }
+}
+
+async fn list_faults(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "simulated": true,
+        "data": state.faults.list(),
+    }))
+}
+
+async fn get_faults(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>> {
+    state
+        .faults
+        .get(&model)
+        .map(Json)
+        .ok_or(ApiError::NoFaultSettings(model))
+}
+
+async fn put_faults(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>> {
+    let body = body.map_err(|rejection| ApiError::from_body_rejection(&rejection))?;
+    let settings = FaultSettings::parse(&body)?;
+    tracing::info!(model = %model, settings = %settings.to_json(), "simulated fault settings changed");
+    Ok(Json(state.faults.set(&model, settings)))
+}
+
+async fn delete_faults(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>> {
+    if !state.faults.clear(&model) {
+        return Err(ApiError::NoFaultSettings(model));
+    }
+    tracing::info!(model = %model, "simulated fault settings cleared");
+    Ok(Json(json!({"model": model, "deleted": true})))
+}
+
+async fn delete_all_faults(State(state): State<AppState>) -> Json<Value> {
+    let deleted = state.faults.clear_all();
+    tracing::info!(deleted, "every simulated fault setting cleared");
+    Json(json!({"deleted": deleted}))
 }

@@ -14,7 +14,7 @@ pub(crate) const PIECE_CHARS: usize = 8;
 /// The event that ends a complete stream.
 pub(crate) const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 /// Content fragments a `stream-break` sends before the connection drops.
-const FRAGMENTS_BEFORE_BREAK: usize = 2;
+pub(crate) const FRAGMENTS_BEFORE_BREAK: usize = 2;
 
 /// Splits `text` into pieces of [`PIECE_CHARS`] characters (the last may be shorter).
 pub(crate) fn pieces(text: &str) -> Vec<String> {
@@ -130,9 +130,19 @@ fn carries_fragment(chunk: &ChatCompletionChunk) -> bool {
     })
 }
 
-/// How many leading chunks a `stream-break` sends: up to and including the second
-/// fragment, and never the closing chunk.
-pub(crate) fn break_point(chunks: &[ChatCompletionChunk]) -> usize {
+/// How many leading chunks a broken stream sends: up to and including fragment number
+/// `fragments` (0: only the opening chunk), and never the closing chunk.
+pub(crate) fn break_point(chunks: &[ChatCompletionChunk], fragments_before: usize) -> usize {
+    if fragments_before == 0 {
+        return chunks
+            .iter()
+            .position(|chunk| {
+                carries_fragment(chunk)
+                    || chunk.choices.is_empty()
+                    || chunk.choices.iter().any(|c| c.finish_reason.is_some())
+            })
+            .unwrap_or(chunks.len());
+    }
     let mut fragments = 0;
     for (position, chunk) in chunks.iter().enumerate() {
         if chunk.choices.iter().any(|c| c.finish_reason.is_some()) || chunk.choices.is_empty() {
@@ -140,7 +150,7 @@ pub(crate) fn break_point(chunks: &[ChatCompletionChunk]) -> usize {
         }
         if carries_fragment(chunk) {
             fragments += 1;
-            if fragments == FRAGMENTS_BEFORE_BREAK {
+            if fragments == fragments_before {
                 return position + 1;
             }
         }
@@ -296,15 +306,19 @@ mod tests {
     #[test]
     fn break_point_stops_after_two_fragments() {
         let long = stream_of(r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
-        assert_eq!(break_point(&long), 3);
+        assert_eq!(break_point(&long, FRAGMENTS_BEFORE_BREAK), 3);
+        assert_eq!(break_point(&long, 0), 1);
+        assert_eq!(break_point(&long, 1), 2);
+        // "[simulated] echo: hi" has three fragments; the closing chunk is never sent.
+        assert_eq!(break_point(&long, 50), 4);
         let short = stream_of(
             r#"{"stream":true,"max_tokens":1,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#,
         );
-        assert_eq!(break_point(&short), 2);
+        assert_eq!(break_point(&short, FRAGMENTS_BEFORE_BREAK), 2);
         let tool = stream_of(
             r#"{"stream":true,"messages":[{"role":"user","content":"hello"}],"tools":[{"function":{"name":"f"}}]}"#,
         );
-        assert_eq!(break_point(&tool), 3);
+        assert_eq!(break_point(&tool, FRAGMENTS_BEFORE_BREAK), 3);
     }
 
     #[test]

@@ -464,3 +464,161 @@ async fn hang_never_answers_and_is_released_by_shutdown() {
         .expect("drained")
         .expect("shutdown task");
 }
+
+async fn put_faults(addr: SocketAddr, model: &str, settings: &Value) -> RawResponse {
+    send(
+        addr,
+        "PUT",
+        &format!("/_sim/faults/{model}"),
+        &[("content-type", "application/json")],
+        settings.to_string().as_bytes(),
+    )
+    .await
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages":[{"role":"user","content":"hello there"}]})
+}
+
+#[tokio::test]
+async fn fault_settings_are_set_listed_and_cleared_at_run_time() {
+    let server = Server::start().await;
+    let empty = send(server.addr, "GET", "/_sim/faults", &[], b"").await;
+    assert_eq!(empty.status, 200);
+    assert_eq!(empty.header("x-crewmesh-simulated"), Some("true"));
+    assert_eq!(
+        empty.json(),
+        json!({"object":"list","simulated":true,"data":[]})
+    );
+
+    let set = put_faults(
+        server.addr,
+        "org/flaky",
+        &json!({"error_rate": 1.0, "error_status": 503}),
+    )
+    .await;
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert_eq!(set.json()["model"], "org/flaky");
+    assert_eq!(set.json()["settings"]["error_status"], 503);
+
+    // Only that deployment fails, from the next request on.
+    let failed = chat(server.addr, &[], &hello("org/flaky")).await;
+    assert_eq!(failed.status, 503);
+    assert_eq!(
+        failed.json(),
+        json!({"error":{"message":"simulated upstream failure","type":"server_error","code":null}})
+    );
+    assert_eq!(
+        chat(server.addr, &[], &hello("sim-small")).await.status,
+        200
+    );
+    // The request header still wins.
+    let forced = chat(server.addr, &[("x-sim-fault", "none")], &hello("org/flaky")).await;
+    assert_eq!(forced.status, 200);
+
+    let listed = send(server.addr, "GET", "/_sim/faults", &[], b"")
+        .await
+        .json();
+    assert_eq!(listed["data"].as_array().expect("list").len(), 1);
+    assert_eq!(listed["data"][0]["model"], "org/flaky");
+    assert_eq!(listed["data"][0]["requests"], 1);
+    assert_eq!(listed["data"][0]["faults_injected"], 1);
+    let one = send(server.addr, "GET", "/_sim/faults/org/flaky", &[], b"").await;
+    assert_eq!(one.json(), listed["data"][0]);
+
+    let cleared = send(server.addr, "DELETE", "/_sim/faults/org/flaky", &[], b"").await;
+    assert_eq!(cleared.status, 200);
+    assert_eq!(cleared.json(), json!({"model":"org/flaky","deleted":true}));
+    assert_eq!(
+        chat(server.addr, &[], &hello("org/flaky")).await.status,
+        200
+    );
+    let again = send(server.addr, "DELETE", "/_sim/faults/org/flaky", &[], b"").await;
+    assert_eq!(again.status, 404);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn default_settings_apply_to_every_model_without_its_own() {
+    let server = Server::start().await;
+    let limited = json!({"rate_limit": {"rate": 1.0, "retry_after_s": 7}});
+    assert_eq!(put_faults(server.addr, "*", &limited).await.status, 200);
+    assert_eq!(
+        put_faults(server.addr, "calm", &json!({})).await.status,
+        200
+    );
+    let response = chat(server.addr, &[], &hello("anything")).await;
+    assert_eq!(response.status, 429);
+    assert_eq!(response.header("retry-after"), Some("7"));
+    assert_eq!(response.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(chat(server.addr, &[], &hello("calm")).await.status, 200);
+
+    let all = send(server.addr, "DELETE", "/_sim/faults", &[], b"").await;
+    assert_eq!(all.json(), json!({"deleted": 2}));
+    assert_eq!(chat(server.addr, &[], &hello("anything")).await.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_fault_settings_are_rejected_naming_the_field() {
+    let server = Server::start().await;
+    for (settings, param) in [
+        (json!({"error_rate": 1.2}), "error_rate"),
+        (json!({"hang": 0.1}), "hang"),
+        (
+            json!({"latency": {"distribution": "fixed", "ms": 1, "p99_ms": 3}}),
+            "latency.p99_ms",
+        ),
+    ] {
+        let response = put_faults(server.addr, "m", &settings).await;
+        assert_eq!(response.status, 400, "{settings}");
+        assert_eq!(response.json()["error"]["param"], param);
+    }
+    let listed = send(server.addr, "GET", "/_sim/faults", &[], b"")
+        .await
+        .json();
+    assert_eq!(listed["data"], json!([]), "nothing was installed");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn drop_mid_stream_cuts_after_the_configured_chunks() {
+    let server = Server::start().await;
+    let settings = json!({"drop_mid_stream_rate": 1.0, "drop_after_chunks": 1});
+    assert_eq!(
+        put_faults(server.addr, "dropping", &settings).await.status,
+        200
+    );
+    let mut body = hello("dropping");
+    body["stream"] = json!(true);
+    let response = chat(server.addr, &[], &body).await;
+    assert_eq!(response.status, 200);
+    assert!(!response.complete, "the body must not be terminated");
+    assert!(!response.text().contains("[DONE]"));
+    // The opening chunk and one content chunk.
+    assert_eq!(sse_data(response.text()).len(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn seeded_settings_give_the_same_faults_every_time() {
+    let server = Server::start().await;
+    let settings = json!({"error_rate": 0.5, "seed": 1234});
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        // Setting again restarts the seeded sequence.
+        assert_eq!(put_faults(server.addr, "coin", &settings).await.status, 200);
+        let mut statuses = Vec::new();
+        for _ in 0..20 {
+            statuses.push(chat(server.addr, &[], &hello("coin")).await.status);
+        }
+        runs.push(statuses);
+    }
+    assert_eq!(runs[0], runs[1]);
+    assert!(
+        runs[0].contains(&200) && runs[0].contains(&500),
+        "{:?}",
+        runs[0]
+    );
+    server.shutdown().await;
+}

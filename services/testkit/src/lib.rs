@@ -218,6 +218,11 @@ pub fn etcd() -> &'static Etcd {
 pub struct Postgres {
     pub port: u16,
     dir: PathBuf,
+    bindir: PathBuf,
+    root: bool,
+    /// `synchronous_commit`: off for speed in the shared server; on in dedicated
+    /// servers, whose tests crash them (an acknowledged commit must survive).
+    synchronous_commit: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -245,21 +250,17 @@ impl Postgres {
     pub fn data_dir(&self) -> &Path {
         &self.dir
     }
-}
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
+    /// A new server owned by the caller, for a test that stops and restarts it (the
+    /// shared [`postgres()`] must stay up for the other tests). As root it runs as
+    /// the `postgres` user (PostgreSQL refuses to run as root). Commits are
+    /// synchronous, so every acknowledged commit survives [`Postgres::stop`]. Stopped
+    /// when dropped.
+    pub fn dedicated() -> Postgres {
+        Self::init(true)
+    }
 
-/// The test binary's PostgreSQL, started on first use. As root it runs as the
-/// `postgres` user (PostgreSQL refuses to run as root).
-pub fn postgres() -> &'static Postgres {
-    static PG: OnceLock<Postgres> = OnceLock::new();
-    PG.get_or_init(|| {
+    fn init(synchronous_commit: bool) -> Postgres {
         let initdb = find_binary(
             "CREWMESH_PG_INITDB",
             &["initdb"],
@@ -276,29 +277,39 @@ pub fn postgres() -> &'static Postgres {
             .tempdir()
             .expect("temp dir for postgres");
         let dir = tmp.path().join("data");
-        let port = free_port();
         let root = is_root();
-        let as_pg = |cmd: &Path| -> Command {
-            if root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(cmd);
-                c
-            } else {
-                Command::new(cmd)
-            }
+        let pg = Postgres {
+            port: free_port(),
+            dir,
+            bindir,
+            root,
+            synchronous_commit,
+            _tmp: tmp,
         };
         if root {
             let status = Command::new("chown")
                 .args(["postgres:postgres"])
-                .arg(tmp.path())
+                .arg(pg._tmp.path())
                 .status()
                 .expect("chown the postgres temp dir");
-            assert!(status.success(), "chown postgres temp dir failed (is there a postgres user?)");
+            assert!(
+                status.success(),
+                "chown postgres temp dir failed (is there a postgres user?)"
+            );
         }
-        let out = as_pg(&initdb)
+        let out = pg
+            .as_pg(&initdb)
             .arg("-D")
-            .arg(&dir)
-            .args(["-U", "postgres", "--auth=trust", "-N", "-E", "UTF8", "--locale=C"])
+            .arg(&pg.dir)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-N",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .output()
             .expect("run initdb");
         assert!(
@@ -306,15 +317,35 @@ pub fn postgres() -> &'static Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        pg.start();
+        pg
+    }
+
+    fn as_pg(&self, cmd: &Path) -> Command {
+        if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(cmd);
+            c
+        } else {
+            Command::new(cmd)
+        }
+    }
+
+    /// Starts the server (again: same port and data) and waits until it listens.
+    pub fn start(&self) {
+        let tmp = self._tmp.path();
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
-            tmp.path().display()
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit={} -c full_page_writes=off -c max_connections=300",
+            self.port,
+            tmp.display(),
+            if self.synchronous_commit { "on" } else { "off" },
         );
-        let out = as_pg(&bindir.join("pg_ctl"))
+        let out = self
+            .as_pg(&self.bindir.join("pg_ctl"))
             .arg("-D")
-            .arg(&dir)
+            .arg(&self.dir)
             .args(["-w", "-l"])
-            .arg(tmp.path().join("postgres.log"))
+            .arg(tmp.join("postgres.log"))
             .args(["-o", &opts, "start"])
             .stdin(Stdio::null())
             .output()
@@ -324,25 +355,59 @@ pub fn postgres() -> &'static Postgres {
             "pg_ctl start failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let pid = std::fs::read_to_string(dir.join("postmaster.pid"))
+        let pid = std::fs::read_to_string(self.dir.join("postmaster.pid"))
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
             .expect("postmaster.pid");
         let stop = format!(
             "{} {} -D {} -m immediate stop >/dev/null 2>&1; rm -rf {}",
-            if root { "runuser -u postgres --" } else { "" },
-            bindir.join("pg_ctl").display(),
-            dir.display(),
-            tmp.path().display()
+            if self.root {
+                "runuser -u postgres --"
+            } else {
+                ""
+            },
+            self.bindir.join("pg_ctl").display(),
+            self.dir.display(),
+            tmp.display()
         );
         watchdog(pid, &stop);
-        wait_for_port(port, "postgres", Duration::from_secs(20));
-        Postgres {
-            port,
-            dir,
-            _tmp: tmp,
-        }
-    })
+        wait_for_port(self.port, "postgres", Duration::from_secs(20));
+    }
+
+    /// Stops the server the way a crash does (`pg_ctl -m immediate`: no shutdown
+    /// checkpoint, every connection cut) and waits until it is gone.
+    pub fn stop(&self) {
+        let _ = self
+            .as_pg(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The test binary's PostgreSQL, started on first use, tuned for speed
+/// (`synchronous_commit = off`: never crash it; see [`Postgres::dedicated`]).
+pub fn postgres() -> &'static Postgres {
+    static PG: OnceLock<Postgres> = OnceLock::new();
+    PG.get_or_init(|| Postgres::init(false))
 }
 
 /// A fresh mesh PKI in a temporary directory: CA, one leaf per service, the CLI's.

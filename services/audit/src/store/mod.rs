@@ -112,6 +112,24 @@ pub trait AuditStore: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<EventRecord>>> + Send;
 
+    /// Events of `chain` with a sequence in (`after`, `upto`], lowest first.
+    /// Verification reads the chain in such ranges: a bounded range keeps the
+    /// database from scanning and sorting everything after `after` when it plans
+    /// without fresh statistics (right after bulk appends).
+    fn chain_range(
+        &self,
+        chain: &str,
+        after: i64,
+        upto: i64,
+    ) -> impl Future<Output = Result<Vec<EventRecord>>> + Send {
+        async move {
+            let limit = u32::try_from(upto.saturating_sub(after).max(0)).unwrap_or(u32::MAX);
+            let mut events = self.chain_events(chain, after, limit).await?;
+            events.retain(|e| e.sequence <= upto);
+            Ok(events)
+        }
+    }
+
     /// The sequence and hash of the chain head row, if the chain exists.
     fn chain_head(&self, chain: &str)
     -> impl Future<Output = Result<Option<(i64, String)>>> + Send;

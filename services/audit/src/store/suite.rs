@@ -157,6 +157,7 @@ store_suite!(
     export_streams_every_matching_event_in_order,
     retention_cut_removes_old_events_and_still_verifies,
     verify_holds_while_appends_continue,
+    verify_reads_long_chains_in_concurrent_pages,
 );
 
 fn uuid(n: u64) -> String {
@@ -850,4 +851,38 @@ async fn verify_holds_while_appends_continue<S: TestStore>(store: S) {
     let report = verify(&store, &key).await;
     assert_eq!((report.first_broken, report.events_verified), (None, 1000));
     assert!(verified.windows(2).all(|w| w[0] <= w[1]), "{verified:?}");
+}
+
+/// Three and a half pages of events, verified with several pages in flight; then
+/// the last event of the first page and the first of the third are deleted: the
+/// first gap is reported, wherever the page boundaries fall.
+async fn verify_reads_long_chains_in_concurrent_pages<S: TestStore>(store: S) {
+    let n = 3 * u64::from(crate::verify::VERIFY_PAGE) + 2500;
+    for start in (1..=n).step_by(2500) {
+        store
+            .append(
+                DEFAULT_CHAIN,
+                (start..start + 2500).map(|i| event(i, "acme")).collect(),
+            )
+            .await
+            .unwrap();
+    }
+    let key = Signer::ephemeral().public_key();
+    let report = verify(&store, &key).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.events_verified, n);
+    let page = i64::from(crate::verify::VERIFY_PAGE);
+    store
+        .tamper(&[
+            format!("DELETE FROM audit_events WHERE sequence = {page}"),
+            format!("DELETE FROM audit_events WHERE sequence = {}", 2 * page + 1),
+        ])
+        .await;
+    let (first, next) = (page, u64::try_from(page + 1).unwrap());
+    assert_broken(
+        &verify(&store, &key).await,
+        first,
+        &uuid(next),
+        &format!("event {first} is missing: the next stored event has sequence {next}"),
+    );
 }

@@ -1,0 +1,402 @@
+//! The gateway's audit trail: one audit event for every request, including every
+//! authentication and authorisation failure, recorded through the kit's audit
+//! client (spooled and batched, off the request path).
+//!
+//! Two middlewares cooperate. [`record`] wraps authentication: it sees every
+//! response, and records one event after it (tenant, actor, action, route, outcome,
+//! HTTP status, request id, trace id). [`admit`] runs after authentication and
+//! authorisation, just before the handler: it tells [`record`] who the caller was,
+//! and for tenants whose `audit_mode` is `fail_closed` it first makes an *intent*
+//! event durable (synced to the local spool, or acknowledged by the audit service)
+//! and refuses the request with a `503 audit-unavailable` problem when it cannot.
+//!
+//! Events never hold secret material (no key, no token, no header values) and no
+//! request or response body: only the method, route, path, status, duration, the
+//! permission the route needs and, for refusals, the reason.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use crewmesh_kit::clients::{AuditClient, UNAUTHENTICATED_TENANT};
+use crewmesh_kit::principal::Principal;
+use crewmesh_proto::audit::v1 as audit;
+use crewmesh_proto::types::v1::Outcome;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::extract::Authenticated;
+use crate::problem::Problem;
+use crate::rbac::{self, Permission};
+
+/// How a tenant's requests are audited (`audit_mode` in its tenant document).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// The event is recorded after the request, off the request path; a request
+    /// never waits for the audit trail (events wait in the spool during an outage).
+    #[default]
+    BestEffort,
+    /// Before the request is carried out, an intent event must be durable: synced to
+    /// the gateway's local spool or acknowledged by the audit service. If neither is
+    /// possible the request is refused (`503`, problem type `audit-unavailable`).
+    FailClosed,
+}
+
+/// Longest path kept in an event.
+const MAX_PATH: usize = 256;
+
+/// The gateway's audit client (`None` without an audit peer: nothing is recorded,
+/// and fail-closed tenants are refused).
+#[derive(Clone)]
+pub struct AuditTrail {
+    client: Option<AuditClient>,
+}
+
+impl AuditTrail {
+    pub fn new(client: Option<AuditClient>) -> Self {
+        Self { client }
+    }
+
+    /// Waits until the recorded events are delivered (or `timeout`); what is not
+    /// stays in the spool for the next start.
+    pub async fn flush(&self, timeout: std::time::Duration) -> bool {
+        match &self.client {
+            Some(c) => c.flush(timeout).await,
+            None => true,
+        }
+    }
+
+    pub fn client(&self) -> Option<&AuditClient> {
+        self.client.as_ref()
+    }
+}
+
+/// What [`admit`] tells [`record`] through the response's extensions: the request
+/// passed authentication and authorisation.
+#[derive(Clone)]
+struct Admitted {
+    principal: Principal,
+    /// Set when the request was refused for want of a durable audit record.
+    refused: Option<String>,
+}
+
+/// The audit action of a request needing `permission`: `http.` and the permission
+/// with `:` as `.` (`http.models.invoke`); `http.unrouted` outside the API.
+pub fn action(permission: Option<Permission>) -> String {
+    match permission {
+        Some(p) => format!("http.{}", p.as_str().replace(':', ".")),
+        None => "http.unrouted".to_owned(),
+    }
+}
+
+/// The outcome of a request that reached its handler.
+pub fn outcome_of(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        401 | 403 => Outcome::Denied,
+        s if s < 400 => Outcome::Success,
+        _ => Outcome::Failure,
+    }
+}
+
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The facts of a request the event is built from, taken before it runs.
+struct Facts {
+    method: Method,
+    route: Option<String>,
+    path: String,
+    permission: Option<Permission>,
+    request_id: String,
+    trace_id: String,
+}
+
+impl Facts {
+    fn of(req: &Request) -> Self {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|m| m.as_str().to_owned());
+        let path = truncated(req.uri().path(), MAX_PATH).to_owned();
+        let permission = route
+            .as_deref()
+            .and_then(|r| rbac::required(req.method(), r, req.uri().path()));
+        Self {
+            method: req.method().clone(),
+            route,
+            path,
+            permission,
+            request_id: req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            trace_id: crewmesh_kit::telemetry::current_trace_id(),
+        }
+    }
+
+    fn event(
+        &self,
+        tenant: &str,
+        subject: &str,
+        outcome: Outcome,
+        details: serde_json::Value,
+    ) -> audit::EventInput {
+        audit::EventInput {
+            tenant: tenant.to_owned(),
+            actor: Some(audit::Actor {
+                subject: subject.to_owned(),
+                service: String::new(),
+            }),
+            action: action(self.permission),
+            resource: Some(audit::Resource {
+                kind: "route".to_owned(),
+                name: self.route.clone().unwrap_or_else(|| self.path.clone()),
+            }),
+            outcome: outcome as i32,
+            request_id: self.request_id.clone(),
+            trace_id: self.trace_id.clone(),
+            details_json: details.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn details(&self, status: Option<StatusCode>, started: Option<Instant>) -> serde_json::Value {
+        let mut d = serde_json::json!({
+            "method": self.method.as_str(),
+            "path": self.path,
+        });
+        if let Some(p) = self.permission {
+            d["permission"] = p.as_str().into();
+        }
+        if let Some(s) = status {
+            d["status"] = s.as_u16().into();
+        }
+        if let Some(t) = started {
+            d["duration_us"] = u64::try_from(t.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .into();
+        }
+        d
+    }
+}
+
+/// Records one audit event for every request, after its response (see the module
+/// documentation). Sits outside authentication so that it sees refusals too.
+pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(client) = state.audit_trail.client.clone() else {
+        return next.run(req).await;
+    };
+    let facts = Facts::of(&req);
+    // Only the credential header is kept, and only to name the caller of a refused
+    // request; it is never recorded.
+    let credential = req.headers().get(header::AUTHORIZATION).cloned();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    match resp.extensions().get::<Admitted>() {
+        Some(a) => {
+            let mut details = facts.details(Some(status), Some(started));
+            let outcome = match &a.refused {
+                Some(reason) => {
+                    details["reason"] = reason.as_str().into();
+                    Outcome::Failure
+                }
+                None => outcome_of(status),
+            };
+            client.record(facts.event(
+                a.principal.tenant.as_str(),
+                &a.principal.subject,
+                outcome,
+                details,
+            ));
+        }
+        None => {
+            // Refused before the handler (authentication, authorisation, limits) or
+            // outside the API. Naming the caller may need the OIDC verifier: do it
+            // off the response path.
+            let details = facts.details(Some(status), Some(started));
+            tokio::spawn(async move {
+                let event = refusal_event(&state, &facts, credential, status, details).await;
+                client.record(event);
+            });
+        }
+    }
+    resp
+}
+
+/// The event of a request refused before its handler: under the caller's tenant
+/// when its credential is valid, else under [`UNAUTHENTICATED_TENANT`].
+async fn refusal_event(
+    state: &AppState,
+    facts: &Facts,
+    credential: Option<axum::http::HeaderValue>,
+    status: StatusCode,
+    mut details: serde_json::Value,
+) -> audit::EventInput {
+    let Some(permission) = facts.permission else {
+        return facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Failure, details);
+    };
+    let mut headers = HeaderMap::new();
+    if let Some(v) = credential {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    match crate::authenticate(state, &headers).await {
+        Err(problem) => {
+            details["reason"] = problem.detail.as_str().into();
+            facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Denied, details)
+        }
+        Ok((principal, _)) => {
+            let reason = if !rbac::grants(&principal, permission) {
+                let roles = principal
+                    .roles
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("the roles ({roles}) do not grant {permission}")
+            } else {
+                match status.as_u16() {
+                    429 => "rate limited".to_owned(),
+                    402 => "budget exhausted".to_owned(),
+                    s => format!("refused with status {s}"),
+                }
+            };
+            details["reason"] = reason.into();
+            facts.event(
+                principal.tenant.as_str(),
+                &principal.subject,
+                Outcome::Denied,
+                details,
+            )
+        }
+    }
+}
+
+/// The problem a fail-closed tenant's request gets when its intent event cannot be
+/// made durable.
+pub fn audit_unavailable(tenant: &str) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit-unavailable",
+        "Audit unavailable",
+        format!(
+            "tenant `{tenant}` requires every request to be audited durably before it is carried out (audit_mode fail_closed), and the audit trail cannot take the record now; nothing was done, retry later"
+        ),
+    )
+}
+
+/// Runs after authorisation, before the handler: marks the request as admitted for
+/// [`record`], and for fail-closed tenants makes an intent event durable first.
+pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(Authenticated(principal)) = req.extensions().get::<Authenticated>().cloned() else {
+        return next.run(req).await;
+    };
+    let routed = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|r| rbac::required(req.method(), r.as_str(), req.uri().path()));
+    if routed.is_none() {
+        return next.run(req).await;
+    }
+    let mode = state
+        .tenant_policies
+        .load()
+        .get(principal.tenant.as_str())
+        .map(|p| p.audit_mode)
+        .unwrap_or_default();
+    let mut refused = None;
+    if mode == AuditMode::FailClosed {
+        let facts = Facts::of(&req);
+        let mut details = facts.details(None, None);
+        details["phase"] = "intent".into();
+        let event = facts.event(
+            principal.tenant.as_str(),
+            &principal.subject,
+            Outcome::Unspecified,
+            details,
+        );
+        let result = match &state.audit_trail.client {
+            Some(client) => client.record_durable(event).await.map_err(|e| e.0),
+            None => Err("no audit service is configured".to_owned()),
+        };
+        if let Err(reason) = result {
+            tracing::error!(tenant = %principal.tenant.as_str(), %reason, "request refused: its audit record cannot be made durable");
+            refused = Some(format!("audit unavailable: {reason}"));
+        }
+    }
+    let mut resp = match &refused {
+        Some(_) => audit_unavailable(principal.tenant.as_str()).into_response(),
+        None => next.run(req).await,
+    };
+    resp.extensions_mut()
+        .insert(Admitted { principal, refused });
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_are_valid_audit_actions() {
+        assert_eq!(action(Some(Permission::ModelsInvoke)), "http.models.invoke");
+        assert_eq!(action(Some(Permission::ConfigWrite)), "http.config.write");
+        assert_eq!(action(None), "http.unrouted");
+        for p in Permission::ALL {
+            let a = action(Some(p));
+            assert!(
+                a.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_follow_the_status() {
+        assert_eq!(outcome_of(StatusCode::OK), Outcome::Success);
+        assert_eq!(outcome_of(StatusCode::NO_CONTENT), Outcome::Success);
+        assert_eq!(outcome_of(StatusCode::UNAUTHORIZED), Outcome::Denied);
+        assert_eq!(outcome_of(StatusCode::FORBIDDEN), Outcome::Denied);
+        assert_eq!(outcome_of(StatusCode::BAD_REQUEST), Outcome::Failure);
+        assert_eq!(outcome_of(StatusCode::BAD_GATEWAY), Outcome::Failure);
+    }
+
+    #[test]
+    fn audit_modes_parse_and_default_to_best_effort() {
+        assert_eq!(AuditMode::default(), AuditMode::BestEffort);
+        let m: AuditMode = serde_json::from_str("\"fail_closed\"").unwrap();
+        assert_eq!(m, AuditMode::FailClosed);
+        let m: AuditMode = serde_json::from_str("\"best_effort\"").unwrap();
+        assert_eq!(m, AuditMode::BestEffort);
+        assert!(serde_json::from_str::<AuditMode>("\"strict\"").is_err());
+    }
+
+    #[test]
+    fn long_paths_are_cut_on_a_character_boundary() {
+        assert_eq!(truncated("abc", 2), "ab");
+        assert_eq!(truncated("aé", 2), "a");
+        assert_eq!(truncated("abc", 5), "abc");
+    }
+
+    #[test]
+    fn the_refusal_problem_is_a_503_of_its_own_type() {
+        let p = audit_unavailable("acme");
+        assert_eq!(p.status, 503);
+        assert_eq!(p.kind, "https://crewmesh.dev/problems/audit-unavailable");
+        assert!(p.detail.contains("tenant `acme`"), "{}", p.detail);
+    }
+}
