@@ -148,9 +148,21 @@ pub enum GatewayError {
     Serve(std::io::Error),
 }
 
-/// What every handler shares.
+/// What every handler shares: one `Arc`, because every middleware layer and handler
+/// takes its own copy of the state on every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct SharedState {
     pub keys: Arc<ArcSwap<KeyRing>>,
     /// Rebuilds `keys` from apikey documents and this gateway's own key changes.
     pub key_source: Arc<KeySource>,
@@ -476,7 +488,7 @@ impl Application {
             ),
             None => None,
         };
-        let state = AppState {
+        let state = AppState(Arc::new(SharedState {
             keys: key_source.ring().clone(),
             key_source,
             config_store,
@@ -501,7 +513,7 @@ impl Application {
                     .map_err(startup)?,
             ),
             http_metrics: HttpMetrics::register(&metrics),
-        };
+        }));
         let audit_trail = state.audit_trail.clone();
         let http = bind("HTTP API", config.http_addr).await?;
         let admin = bind("admin port", common.server.admin_addr).await?;
