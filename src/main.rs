@@ -98,9 +98,9 @@ enum Command {
     Keys(keys_cli::KeysArgs),
     /// Verify, export and inspect the audit trail through the gateway.
     Audit(audit_cli::AuditArgs),
-    /// Read and change config documents through the gateway (get, list, put, apply, history, rollback).
+    /// Read and change config documents through the gateway (get, list, put, delete, apply, diff, history, rollback).
     Config(config_cli::ConfigArgs),
-    /// Evaluate feature flags through the gateway's OFREP endpoint.
+    /// List and evaluate feature flags through the gateway (list, eval).
     Flags(config_cli::FlagsArgs),
     /// Change the simulated upstream's fault settings while it runs (`sim faults set|get|clear`).
     Sim(sim_cli::SimArgs),
