@@ -1,9 +1,9 @@
 //! `crewmesh audit verify|export|checkpoints|report`: the audit trail through the gateway's
 //! `/v1/audit/*` (the key needs the admin or auditor role).
 
-use crate::gateway_client::{GatewayTarget, problem_error};
+use crate::gateway_client::{GatewayArgs, GatewayTarget, problem_error};
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -13,14 +13,8 @@ use clap::{Args, Subcommand};
 pub struct AuditArgs {
     #[command(subcommand)]
     pub command: AuditCommand,
-    /// Gateway URL; defaults to the running `crewmesh up` (from DATA_DIR/state.json).
-    #[arg(long, global = true)]
-    pub gateway: Option<String>,
-    /// An admin or auditor API key; defaults to CREWMESH_API_KEY, then to the running `crewmesh up`'s admin key.
-    #[arg(long, global = true, env = "CREWMESH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    #[arg(long, global = true, default_value = ".crewmesh")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
 }
 
 #[derive(Subcommand)]
@@ -69,29 +63,16 @@ pub enum AuditCommand {
     },
 }
 
-struct Target {
-    gateway: String,
-    key: String,
-}
-
-fn target(args: &AuditArgs, data_dir: &Path) -> anyhow::Result<Target> {
-    let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), data_dir)?;
-    Ok(Target {
-        gateway: t.url,
-        key: t.key,
-    })
-}
-
-impl Target {
+impl GatewayTarget {
     async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<reqwest::Response> {
-        let url = reqwest::Url::parse_with_params(&format!("{}{path}", self.gateway), query)
-            .with_context(|| format!("`{}` is not a URL", self.gateway))?;
+        let url = reqwest::Url::parse_with_params(&format!("{}{path}", self.url), query)
+            .with_context(|| format!("`{}` is not a URL", self.url))?;
         let resp = reqwest::Client::new()
             .get(url)
             .bearer_auth(&self.key)
             .send()
             .await
-            .with_context(|| format!("cannot reach the gateway at {}", self.gateway))?;
+            .with_context(|| format!("cannot reach the gateway at {}", self.url))?;
         let status = resp.status();
         if !status.is_success() {
             let json: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -102,7 +83,7 @@ impl Target {
 }
 
 pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
-    let t = target(&args, &args.data_dir)?;
+    let t = args.gateway.target()?;
     match args.command {
         AuditCommand::Verify {
             from_sequence,

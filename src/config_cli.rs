@@ -9,7 +9,7 @@
 //! everything (schemas, references, versions) and writes nothing. `diff -f` prints a
 //! unified diff per document and exits 1 when anything differs, like `kubectl diff`.
 
-use crate::gateway_client::{GatewayTarget, problem_error};
+use crate::gateway_client::{GatewayArgs, problem_error};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,19 +17,6 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use crewmesh_config::manifest::{self, ManifestDoc, ManifestScope};
 use serde_json::{Value, json};
-
-/// Where to reach the gateway, shared by `config` and `flags`.
-#[derive(Args)]
-pub struct GatewayArgs {
-    /// Gateway URL; defaults to the running `crewmesh up` (from DATA_DIR/state.json).
-    #[arg(long, global = true)]
-    pub gateway: Option<String>,
-    /// An API key; defaults to CREWMESH_API_KEY, then to the running `crewmesh up`'s admin key.
-    #[arg(long, global = true, env = "CREWMESH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    #[arg(long, global = true, default_value = ".crewmesh")]
-    pub data_dir: PathBuf,
-}
 
 #[derive(Args)]
 pub struct ConfigArgs {
@@ -140,7 +127,7 @@ struct Target {
 
 impl Target {
     fn new(args: &GatewayArgs) -> anyhow::Result<Self> {
-        let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), &args.data_dir)?;
+        let t = args.target()?;
         Ok(Self {
             http: reqwest::Client::new(),
             gateway: t.url,

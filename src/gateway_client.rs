@@ -1,11 +1,30 @@
 //! How the CLI reaches the gateway: `--gateway`/`--api-key` (or `CREWMESH_API_KEY`),
 //! else the running `crewmesh up` found through `DATA_DIR/state.json`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
 use crewmesh::state::{self, State};
+
+/// Where to reach the gateway: the flags shared by every command that calls it.
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    /// Gateway URL; defaults to the running `crewmesh up` (from DATA_DIR/state.json).
+    #[arg(long, global = true)]
+    pub gateway: Option<String>,
+    /// An API key with a role the command needs; defaults to CREWMESH_API_KEY, then to the running `crewmesh up`'s admin key.
+    #[arg(long, global = true, env = "CREWMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(long, global = true, default_value = ".crewmesh")]
+    pub data_dir: PathBuf,
+}
+
+impl GatewayArgs {
+    pub fn target(&self) -> anyhow::Result<GatewayTarget> {
+        GatewayTarget::resolve(self.gateway.clone(), self.api_key.clone(), &self.data_dir)
+    }
+}
 
 /// The gateway URL (no trailing slash) and the API key to call it with.
 pub struct GatewayTarget {

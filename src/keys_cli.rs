@@ -1,7 +1,6 @@
 //! `crewmesh keys create|list|revoke`: API keys through the gateway's `/v1/keys`.
 
-use crate::gateway_client::{GatewayTarget, problem_error};
-use std::path::{Path, PathBuf};
+use crate::gateway_client::{GatewayArgs, problem_error};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -10,14 +9,8 @@ use clap::{Args, Subcommand};
 pub struct KeysArgs {
     #[command(subcommand)]
     pub command: KeysCommand,
-    /// Gateway URL; defaults to the running `crewmesh up` (from DATA_DIR/state.json).
-    #[arg(long, global = true)]
-    pub gateway: Option<String>,
-    /// An admin API key; defaults to CREWMESH_API_KEY, then to the running `crewmesh up`'s admin key.
-    #[arg(long, global = true, env = "CREWMESH_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    #[arg(long, global = true, default_value = ".crewmesh")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
     /// Act on another tenant's keys (needs an admin of tenant `default`).
     #[arg(long, global = true)]
     pub tenant: Option<String>,
@@ -57,19 +50,6 @@ pub enum KeysCommand {
     Revoke { id: String },
 }
 
-struct Target {
-    gateway: String,
-    key: String,
-}
-
-fn target(args: &KeysArgs, data_dir: &Path) -> anyhow::Result<Target> {
-    let t = GatewayTarget::resolve(args.gateway.clone(), args.api_key.clone(), data_dir)?;
-    Ok(Target {
-        gateway: t.url,
-        key: t.key,
-    })
-}
-
 async fn answer(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     let status = resp.status();
     let json: serde_json::Value = resp
@@ -83,7 +63,7 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
 }
 
 pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
-    let t = target(&args, &args.data_dir)?;
+    let t = args.gateway.target()?;
     let http = reqwest::Client::new();
     let tenant_query = match args.tenant.as_deref() {
         Some(t)
@@ -95,7 +75,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
         Some(t) => bail!("`{t}` is not a tenant id (use a-z, 0-9, '-' or '_')"),
         None => String::new(),
     };
-    let unreachable = || format!("cannot reach the gateway at {}", t.gateway);
+    let unreachable = || format!("cannot reach the gateway at {}", t.url);
     match args.command {
         KeysCommand::Create {
             roles,
@@ -116,7 +96,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 "tenant": args.tenant,
             });
             let resp = http
-                .post(format!("{}/v1/keys", t.gateway))
+                .post(format!("{}/v1/keys", t.url))
                 .bearer_auth(&t.key)
                 .json(&body)
                 .send()
@@ -137,7 +117,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::List { json } => {
             let resp = http
-                .get(format!("{}/v1/keys{tenant_query}", t.gateway))
+                .get(format!("{}/v1/keys{tenant_query}", t.url))
                 .bearer_auth(&t.key)
                 .send()
                 .await
@@ -176,7 +156,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { id } => {
             let resp = http
-                .delete(format!("{}/v1/keys/{id}{tenant_query}", t.gateway))
+                .delete(format!("{}/v1/keys/{id}{tenant_query}", t.url))
                 .bearer_auth(&t.key)
                 .send()
                 .await

@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::{AuditClient, UNAUTHENTICATED_TENANT};
@@ -193,96 +193,53 @@ impl Facts {
     }
 }
 
+/// What [`crate::authorize`] leaves on a response it refused, for [`record`]: the
+/// caller when its credential was valid (`None`: it was not), and why.
+#[derive(Clone)]
+pub(crate) struct Refused {
+    pub principal: Option<Principal>,
+    pub reason: String,
+}
+
 /// Records one audit event for every request, after its response (see the module
 /// documentation). Sits outside authentication so that it sees refusals too.
 pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(client) = state.audit_trail.client.clone() else {
+    let Some(client) = state.audit_trail.client.as_ref() else {
         return next.run(req).await;
     };
     let facts = Facts::of(&req);
-    // Only the credential header is kept, and only to name the caller of a refused
-    // request; it is never recorded.
-    let credential = req.headers().get(header::AUTHORIZATION).cloned();
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status();
-    match resp.extensions().get::<Admitted>() {
-        Some(a) => {
-            let mut details = facts.details(Some(status), Some(started));
-            let outcome = match &a.refused {
-                Some(reason) => {
-                    details["reason"] = reason.as_str().into();
-                    Outcome::Failure
-                }
-                None => outcome_of(status),
-            };
-            client.record(facts.event(
-                a.principal.tenant.as_str(),
-                &a.principal.subject,
-                outcome,
-                details,
-            ));
+    let mut details = facts.details(Some(status), Some(started));
+    let event = if let Some(a) = resp.extensions().get::<Admitted>() {
+        let outcome = match &a.refused {
+            Some(reason) => {
+                details["reason"] = reason.as_str().into();
+                Outcome::Failure
+            }
+            None => outcome_of(status),
+        };
+        facts.event(
+            a.principal.tenant.as_str(),
+            &a.principal.subject,
+            outcome,
+            details,
+        )
+    } else if let Some(r) = resp.extensions().get::<Refused>() {
+        // Refused by authentication, authorisation or limits: under the caller's
+        // tenant when its credential was valid, else under the unauthenticated one.
+        details["reason"] = r.reason.as_str().into();
+        match &r.principal {
+            Some(p) => facts.event(p.tenant.as_str(), &p.subject, Outcome::Denied, details),
+            None => facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Denied, details),
         }
-        None => {
-            // Refused before the handler (authentication, authorisation, limits) or
-            // outside the API. Naming the caller may need the OIDC verifier: do it
-            // off the response path.
-            let details = facts.details(Some(status), Some(started));
-            tokio::spawn(async move {
-                let event = refusal_event(&state, &facts, credential, status, details).await;
-                client.record(event);
-            });
-        }
-    }
-    resp
-}
-
-/// The event of a request refused before its handler: under the caller's tenant
-/// when its credential is valid, else under [`UNAUTHENTICATED_TENANT`].
-async fn refusal_event(
-    state: &AppState,
-    facts: &Facts,
-    credential: Option<axum::http::HeaderValue>,
-    status: StatusCode,
-    mut details: serde_json::Value,
-) -> audit::EventInput {
-    let Some(permission) = facts.permission else {
-        return facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Failure, details);
+    } else {
+        // Outside the API's permissions: unknown paths and the open documents.
+        facts.event(UNAUTHENTICATED_TENANT, "", outcome_of(status), details)
     };
-    let mut headers = HeaderMap::new();
-    if let Some(v) = credential {
-        headers.insert(header::AUTHORIZATION, v);
-    }
-    match crate::authenticate(state, &headers).await {
-        Err(problem) => {
-            details["reason"] = problem.detail.as_str().into();
-            facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Denied, details)
-        }
-        Ok((principal, _)) => {
-            let reason = if !rbac::grants(&principal, permission) {
-                let roles = principal
-                    .roles
-                    .iter()
-                    .map(|r| r.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("the roles ({roles}) do not grant {permission}")
-            } else {
-                match status.as_u16() {
-                    429 => "rate limited".to_owned(),
-                    402 => "budget exhausted".to_owned(),
-                    s => format!("refused with status {s}"),
-                }
-            };
-            details["reason"] = reason.into();
-            facts.event(
-                principal.tenant.as_str(),
-                &principal.subject,
-                Outcome::Denied,
-                details,
-            )
-        }
-    }
+    client.record(event);
+    resp
 }
 
 /// The problem a fail-closed tenant's request gets when its intent event cannot be

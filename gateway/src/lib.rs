@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{any, get, post};
@@ -54,6 +54,7 @@ use tracing::Instrument;
 use crate::auth::{KeyRing, KeySource};
 use crate::extract::Authenticated;
 use crate::problem::Problem;
+use crewmesh_kit::principal::Principal;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -328,9 +329,20 @@ async fn authorize(
     let Some(perm) = route.and_then(|r| rbac::required(req.method(), &r, req.uri().path())) else {
         return next.run(req).await;
     };
+    // Every refusal says who was refused and why, for the audit trail.
+    let refuse = |mut resp: Response, principal: Option<&Principal>, reason: String| {
+        resp.extensions_mut().insert(audit_trail::Refused {
+            principal: principal.cloned(),
+            reason,
+        });
+        resp
+    };
     let (principal, key_limits) = match authenticate(&state, req.headers()).await {
         Ok(v) => v,
-        Err(p) => return p.into_response(),
+        Err(p) => {
+            let reason = p.detail.clone();
+            return refuse(p.into_response(), None, reason);
+        }
     };
     tracing::Span::current().record("subject", principal.subject.as_str());
     if !rbac::grants(&principal, perm) {
@@ -340,15 +352,20 @@ async fn authorize(
             .map(|r| r.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        return Problem::forbidden(format!(
-            "this needs the permission {perm}; your roles ({roles}) do not grant it"
-        ))
-        .into_response();
+        let reason =
+            format!("this needs the permission {perm}; your roles ({roles}) do not grant it");
+        let resp = Problem::forbidden(reason.clone()).into_response();
+        return refuse(resp, Some(&principal), reason);
     }
     if perm == rbac::Permission::ModelsInvoke
         && let Err(resp) = limits::check(&state, &principal, key_limits).await
     {
-        return resp;
+        let reason = match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate limited".to_owned(),
+            StatusCode::PAYMENT_REQUIRED => "budget exhausted".to_owned(),
+            s => format!("refused with status {}", s.as_u16()),
+        };
+        return refuse(resp, Some(&principal), reason);
     }
     req.extensions_mut().insert(Authenticated(principal));
     next.run(req).await

@@ -302,7 +302,7 @@ async fn every_gateway_request_and_every_refusal_is_audited() {
     assert_eq!(forbidden["details"]["status"], 403);
     assert_eq!(
         forbidden["details"]["reason"],
-        "the roles (viewer) do not grant models:invoke"
+        "this needs the permission models:invoke; your roles (viewer) do not grant it"
     );
     // No prompt text and no credential anywhere in the trail.
     let export = get(&mesh, "/v1/audit/export?format=jsonl")

@@ -149,8 +149,10 @@ async fn run<T: Clone + Send + 'static>(
     }
 }
 
-/// Failures worth another attempt: the destination was unreachable or busy.
-fn is_transient(code: tonic::Code) -> bool {
+/// Failures worth another attempt: the destination was unreachable or busy, or
+/// failed inside (e.g. its database restarting). Anything else is a refusal of the
+/// batch itself. Shared by the in-memory batcher and the spool.
+pub(crate) fn is_transient(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unavailable
@@ -159,6 +161,7 @@ fn is_transient(code: tonic::Code) -> bool {
             | tonic::Code::Aborted
             | tonic::Code::Cancelled
             | tonic::Code::Unknown
+            | tonic::Code::Internal
     )
 }
 

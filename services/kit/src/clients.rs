@@ -157,7 +157,7 @@ pub fn with_principal<T>(msg: T, principal: &Principal) -> tonic::Request<T> {
 /// ([`AuditClient::with_spool`], see [`crate::spool`]).
 #[derive(Clone)]
 pub struct AuditClient {
-    sender: AuditSender,
+    sender: Sender<audit::EventInput>,
     service: SpiffeId,
     /// For appends that wait for the acknowledgement.
     client: AuditServiceClient<MeshChannel>,
@@ -178,19 +178,54 @@ pub enum Durable {
 #[error("the audit event could not be made durable: {0}")]
 pub struct AuditUnavailable(pub String);
 
+/// How a client ships its items: a bounded in-memory queue, or a durable spool.
 #[derive(Clone)]
-enum AuditSender {
-    Memory(Batcher<audit::EventInput>),
-    Spool(SpoolBatcher<audit::EventInput>),
+enum Sender<T> {
+    Memory(Batcher<T>),
+    Spool(SpoolBatcher<T>),
 }
 
-/// One Append call in flight.
-type AppendFuture =
+impl<T: crewmesh_proto::prost::Message + Default + Clone + Send + 'static> Sender<T> {
+    fn submit(&self, item: T) {
+        match self {
+            Self::Memory(b) => {
+                b.submit(item);
+            }
+            Self::Spool(s) => {
+                s.submit(&item);
+            }
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> bool {
+        match self {
+            Self::Memory(b) => b.flush(timeout).await,
+            Self::Spool(s) => s.flush(timeout).await,
+        }
+    }
+
+    fn stats(&self) -> &crate::batch::BatchStats {
+        match self {
+            Self::Memory(b) => b.stats(),
+            Self::Spool(s) => s.stats(),
+        }
+    }
+
+    fn spooled_bytes(&self) -> u64 {
+        match self {
+            Self::Memory(_) => 0,
+            Self::Spool(s) => s.pending_bytes(),
+        }
+    }
+}
+
+/// One batch call (Append, Record) in flight.
+type SendFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
 
 fn append_fn(
     client: AuditServiceClient<MeshChannel>,
-) -> impl Fn(Vec<audit::EventInput>) -> AppendFuture + Send + Sync + 'static {
+) -> impl Fn(Vec<audit::EventInput>) -> SendFuture + Send + Sync + 'static {
     move |events| {
         let mut client = client.clone();
         Box::pin(async move {
@@ -212,7 +247,7 @@ impl AuditClient {
     ) -> Self {
         let batcher = Batcher::spawn("audit", config, append_fn(client.clone()));
         Self {
-            sender: AuditSender::Memory(batcher),
+            sender: Sender::Memory(batcher),
             service,
             client,
         }
@@ -231,7 +266,7 @@ impl AuditClient {
         let batcher =
             SpoolBatcher::open("audit", config, spool, metrics, append_fn(client.clone()))?;
         Ok(Self {
-            sender: AuditSender::Spool(batcher),
+            sender: Sender::Spool(batcher),
             service,
             client,
         })
@@ -239,15 +274,7 @@ impl AuditClient {
 
     /// Queues an event; fills in id, time, the recording service and the trace id.
     pub fn record(&self, event: audit::EventInput) {
-        let event = self.complete(event);
-        match &self.sender {
-            AuditSender::Memory(b) => {
-                b.submit(event);
-            }
-            AuditSender::Spool(s) => {
-                s.submit(&event);
-            }
-        }
+        self.sender.submit(self.complete(event));
     }
 
     /// Records an event durably before returning, for actions that must not happen
@@ -260,7 +287,7 @@ impl AuditClient {
         event: audit::EventInput,
     ) -> Result<Durable, AuditUnavailable> {
         let event = self.complete(event);
-        if let AuditSender::Spool(s) = &self.sender
+        if let Sender::Spool(s) = &self.sender
             && s.submit_durable(&event).await
         {
             return Ok(Durable::Spooled);
@@ -302,25 +329,16 @@ impl AuditClient {
     /// Waits until everything recorded so far is delivered (or `timeout`). With a
     /// spool, what is not delivered stays on disk for the next start.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        match &self.sender {
-            AuditSender::Memory(b) => b.flush(timeout).await,
-            AuditSender::Spool(s) => s.flush(timeout).await,
-        }
+        self.sender.flush(timeout).await
     }
 
     pub fn stats(&self) -> &crate::batch::BatchStats {
-        match &self.sender {
-            AuditSender::Memory(b) => b.stats(),
-            AuditSender::Spool(s) => s.stats(),
-        }
+        self.sender.stats()
     }
 
     /// Bytes waiting in the spool (0 without one).
     pub fn spooled_bytes(&self) -> u64 {
-        match &self.sender {
-            AuditSender::Memory(_) => 0,
-            AuditSender::Spool(s) => s.pending_bytes(),
-        }
+        self.sender.spooled_bytes()
     }
 }
 
@@ -330,21 +348,12 @@ impl AuditClient {
 /// crash of the sender (metrics deduplicates replayed records by id).
 #[derive(Clone)]
 pub struct UsageClient {
-    sender: UsageSender,
+    sender: Sender<metrics::UsageRecord>,
 }
-
-#[derive(Clone)]
-enum UsageSender {
-    Memory(Batcher<metrics::UsageRecord>),
-    Spool(SpoolBatcher<metrics::UsageRecord>),
-}
-
-type RecordFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>;
 
 fn record_fn(
     client: MetricsServiceClient<MeshChannel>,
-) -> impl Fn(Vec<metrics::UsageRecord>) -> RecordFuture + Send + Sync + 'static {
+) -> impl Fn(Vec<metrics::UsageRecord>) -> SendFuture + Send + Sync + 'static {
     move |records| {
         let mut client = client.clone();
         Box::pin(async move {
@@ -362,7 +371,7 @@ impl UsageClient {
     pub fn new(client: MetricsServiceClient<MeshChannel>, config: BatchConfig) -> Self {
         let batcher = Batcher::spawn("usage", config, record_fn(client));
         Self {
-            sender: UsageSender::Memory(batcher),
+            sender: Sender::Memory(batcher),
         }
     }
 
@@ -377,7 +386,7 @@ impl UsageClient {
     ) -> std::io::Result<Self> {
         let batcher = SpoolBatcher::open("usage", config, spool, metrics, record_fn(client))?;
         Ok(Self {
-            sender: UsageSender::Spool(batcher),
+            sender: Sender::Spool(batcher),
         })
     }
 
@@ -389,38 +398,22 @@ impl UsageClient {
         if record.time.is_none() {
             record.time = Some(crewmesh_proto::time::to_timestamp(SystemTime::now()));
         }
-        match &self.sender {
-            UsageSender::Memory(b) => {
-                b.submit(record);
-            }
-            UsageSender::Spool(s) => {
-                s.submit(&record);
-            }
-        }
+        self.sender.submit(record);
     }
 
     /// Waits until everything recorded so far is delivered (or `timeout`). With a
     /// spool, what is not delivered stays on disk for the next start.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        match &self.sender {
-            UsageSender::Memory(b) => b.flush(timeout).await,
-            UsageSender::Spool(s) => s.flush(timeout).await,
-        }
+        self.sender.flush(timeout).await
     }
 
     pub fn stats(&self) -> &crate::batch::BatchStats {
-        match &self.sender {
-            UsageSender::Memory(b) => b.stats(),
-            UsageSender::Spool(s) => s.stats(),
-        }
+        self.sender.stats()
     }
 
     /// Bytes waiting in the spool (0 without one).
     pub fn spooled_bytes(&self) -> u64 {
-        match &self.sender {
-            UsageSender::Memory(_) => 0,
-            UsageSender::Spool(s) => s.pending_bytes(),
-        }
+        self.sender.spooled_bytes()
     }
 }
 

@@ -46,7 +46,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, watch};
 
-use crate::batch::{BatchConfig, BatchStats};
+use crate::batch::{BatchConfig, BatchStats, is_transient};
 use crate::observe::MetricsRegistry;
 
 /// Where and how a spool keeps its files.
@@ -611,20 +611,6 @@ impl<T: Message + Default> Reader<T> {
     }
 }
 
-/// Failures worth another attempt: the destination was unreachable or busy.
-fn is_transient(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-            | tonic::Code::Internal
-    )
-}
-
 async fn run<T, F, Fut>(
     name: &'static str,
     config: BatchConfig,
@@ -643,7 +629,9 @@ async fn run<T, F, Fut>(
             shared.sync();
             return;
         }
-        let (mut items, mut pos, mut consumed) = reader.read(config.max_batch, shared.write_pos());
+        let (mut items, mut pos, mut consumed);
+        (reader, (items, pos, consumed)) =
+            read_off_thread(reader, config.max_batch, shared.write_pos()).await;
         if items.is_empty() && consumed == 0 {
             // Caught up: wait for new items (or the next sync).
             let wait = fsync_every.unwrap_or(Duration::from_secs(3600));
@@ -651,7 +639,9 @@ async fn run<T, F, Fut>(
         } else if items.len() < config.max_batch {
             // Linger for a fuller batch.
             tokio::time::sleep(config.max_delay).await;
-            let (more, p, c) = reader.read(config.max_batch - items.len(), shared.write_pos());
+            let (more, p, c);
+            (reader, (more, p, c)) =
+                read_off_thread(reader, config.max_batch - items.len(), shared.write_pos()).await;
             items.extend(more);
             pos = p;
             consumed += c;
@@ -674,18 +664,40 @@ async fn run<T, F, Fut>(
             return;
         }
         shared.stats.sent.fetch_add(count, Ordering::Relaxed);
-        if let Err(e) = write_ack(&shared.dir, pos) {
-            tracing::warn!(client = name, error = %e, "cannot record the spool acknowledgement");
-        }
-        // Every segment before the acknowledged one is delivered.
-        if let Ok(all) = segments(&shared.dir) {
-            for n in all.into_iter().filter(|&n| n < pos.0) {
-                let _ = std::fs::remove_file(segment_path(&shared.dir, n));
+        let dir = shared.dir.clone();
+        let acked = tokio::task::spawn_blocking(move || {
+            write_ack(&dir, pos)?;
+            // Every segment before the acknowledged one is delivered.
+            for n in segments(&dir)?.into_iter().filter(|&n| n < pos.0) {
+                let _ = std::fs::remove_file(segment_path(&dir, n));
             }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if let Ok(Err(e)) = acked {
+            tracing::warn!(client = name, error = %e, "cannot record the spool acknowledgement");
         }
         shared.set_pending(0, consumed);
         shared.acked.send_replace(pos);
     }
+}
+
+/// [`Reader::read`] on the blocking pool: it reads files, which must not stall the
+/// runtime's worker threads.
+async fn read_off_thread<T>(
+    mut reader: Reader<T>,
+    max: usize,
+    write_pos: Pos,
+) -> (Reader<T>, (Vec<T>, Pos, u64))
+where
+    T: Message + Default + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let read = reader.read(max, write_pos);
+        (reader, read)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Longest wait for the destination's answer to one batch.
