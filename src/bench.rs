@@ -71,6 +71,9 @@ pub struct GatewayArgs {
     /// Open-loop rates in requests per second, comma-separated.
     #[arg(long, default_value = "500,1000", value_delimiter = ',')]
     pub rates: Vec<u32>,
+    /// Threads of the in-process mesh's data plane (as `crewmesh up --data-plane-threads`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub data_plane_threads: u16,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +91,7 @@ impl GatewayArgs {
             duration: Duration::from_secs(5),
             warmup: Duration::from_secs(2),
             rates: vec![500, 1000],
+            data_plane_threads: 1,
             json: false,
         }
     }
@@ -253,10 +257,10 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<Report> {
         }
         None => {
             let dir = scratch_dir()?;
-            let mesh = up::start(UpOptions::embedded(
-                dir.clone(),
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-            ))
+            let mesh = up::start(UpOptions {
+                data_plane_threads: usize::from(args.data_plane_threads),
+                ..UpOptions::embedded(dir.clone(), SocketAddr::from(([127, 0, 0, 1], 0)))
+            })
             .await
             .context("starting the mesh")?;
             let (url, key, upstream) = (

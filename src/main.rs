@@ -54,6 +54,11 @@ enum Command {
         log_level: String,
         #[arg(long, value_enum, default_value = "pretty")]
         log_format: LogFormatArg,
+        /// Threads of the data plane (gateway, router, simulated upstream). One keeps
+        /// every hop of a model call on one CPU (lowest latency); more serve more
+        /// requests per second. See docs/performance.md.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        data_plane_threads: u16,
     },
     /// Run one service (distributed mode, e.g. one Kubernetes Deployment per service).
     Serve {
@@ -133,6 +138,11 @@ enum LogFormatArg {
     Pretty,
 }
 
+/// mimalloc: the request path allocates and frees many small buffers across threads
+/// (HTTP, HTTP/2, TLS records, protobuf and JSON); see docs/performance.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
@@ -163,6 +173,7 @@ async fn run(cli: Cli) -> ExitCode {
             trust_domain,
             log_level,
             log_format,
+            data_plane_threads,
         } => {
             let telemetry = TelemetryConfig {
                 log_level,
@@ -181,6 +192,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             up_command(up::UpOptions {
                 trust_domain,
+                data_plane_threads: usize::from(data_plane_threads),
                 ..up::UpOptions::embedded(data_dir, gateway_addr)
             })
             .await

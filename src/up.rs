@@ -32,6 +32,8 @@ pub struct UpOptions {
     pub databases: DatabaseChoice,
     /// How often the router refreshes its model catalog.
     pub refresh_interval: Duration,
+    /// Worker threads of the data plane's runtime (see [`ServiceRuntime`]).
+    pub data_plane_threads: usize,
 }
 
 impl UpOptions {
@@ -44,6 +46,7 @@ impl UpOptions {
             config_store: ConfigStoreChoice::Embedded,
             databases: DatabaseChoice::Sqlite,
             refresh_interval: Duration::from_millis(500),
+            data_plane_threads: 1,
         }
     }
 }
@@ -129,6 +132,81 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
 
+/// A runtime of its own for a group of services. `crewmesh up` runs two:
+///
+/// * the **data plane** (the gateway, the router and the simulated upstream): their
+///   listeners, connections and tasks. With one thread (the default), every hop of a
+///   model call inside the process (gateway -> router -> upstream and back) is read by
+///   the thread that wrote it, so no hop waits for another CPU to wake up;
+/// * **bookkeeping** (config, audit, metrics, agent runtime), at a lower CPU priority
+///   (`nice` 10, threads it starts inherit it): audit hashing and signing, SQLite
+///   writes and usage rollups use what the data plane leaves and do not delay a model
+///   call's turn on the CPU.
+///
+/// The mesh itself is unchanged: every service still listens on its own port and
+/// every call between services goes over mTLS.
+pub struct ServiceRuntime(Option<tokio::runtime::Runtime>);
+
+/// The `nice` value of the bookkeeping runtime's threads.
+const BOOKKEEPING_NICE: i32 = 10;
+
+impl ServiceRuntime {
+    fn new(name: &'static str, threads: Option<usize>, nice: i32) -> anyhow::Result<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = threads {
+            builder.worker_threads(n.max(1));
+        }
+        let runtime = builder
+            .thread_name(name)
+            .on_thread_start(move || lower_priority(nice))
+            .enable_all()
+            .build()
+            .with_context(|| format!("starting the {name} runtime"))?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until drop")
+            .handle()
+    }
+
+    /// Runs `fut` on this runtime (so what it binds and spawns lives there) and
+    /// waits for its output.
+    async fn run<F>(&self, fut: F) -> anyhow::Result<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle()
+            .spawn(fut)
+            .await
+            .context("a service runtime task failed")
+    }
+}
+
+impl Drop for ServiceRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Dropped from async code: do not block on the remaining tasks.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Raises the calling thread's `nice` value by `nice` (0: unchanged). Lowering a
+/// priority needs no privilege; a refusal only costs latency, so it is not an error.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // On Linux, `who` = a thread id sets that thread's nice value only.
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
 /// Starts the mesh and returns once it is ready; the returned handle stops it.
 pub struct RunningMesh {
     pub state: State,
@@ -138,6 +216,8 @@ pub struct RunningMesh {
     tasks: Tasks,
     sim: tokio::task::JoinHandle<std::io::Result<()>>,
     data_dir: PathBuf,
+    /// Declared last: dropped after everything that runs on them has been joined.
+    _runtimes: [ServiceRuntime; 2],
 }
 
 impl RunningMesh {
@@ -238,68 +318,77 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     // Records a started service's addresses (later services dial them) and runs it
     // until its own stop signal.
     macro_rules! launch {
-        ($svc:expr, $app:ident) => {{
+        ($svc:expr, $app:ident, $runtime:expr) => {{
             record($svc, $app.grpc_addr(), $app.admin_addr(), &mut peers);
             let stop = stop();
-            tasks.spawn(async move {
-                let result = $app.run_until_stopped(stop).await;
-                ($svc, result.map_err(anyhow::Error::from))
-            });
+            tasks.spawn_on(
+                async move {
+                    let result = $app.run_until_stopped(stop).await;
+                    ($svc, result.map_err(anyhow::Error::from))
+                },
+                $runtime,
+            );
         }};
     }
 
     // The simulated model upstream (plain HTTP on loopback, labelled simulated).
-    let sim =
-        crewmesh_simulated_upstream::SimulatedUpstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .context("starting the simulated upstream")?;
+    let data_plane = ServiceRuntime::new("crewmesh-data-plane", Some(opts.data_plane_threads), 0)?;
+    let bookkeeping = ServiceRuntime::new("crewmesh-bookkeeping", None, BOOKKEEPING_NICE)?;
+    let sim = data_plane
+        .run(crewmesh_simulated_upstream::SimulatedUpstream::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        ))
+        .await?
+        .context("starting the simulated upstream")?;
     let sim_url = sim.base_url();
     let (stop_sim, stop_sim_rx) = watch::channel(false);
-    let sim = tokio::spawn(sim.run_until_stopped(async move {
+    let sim = data_plane.handle().spawn(sim.run_until_stopped(async move {
         let mut rx = stop_sim_rx;
         let _ = rx.wait_for(|s| *s).await;
     }));
 
     // Start in dependency order: each service learns the addresses of the ones before it.
-    let audit = crewmesh_audit::Application::build(
-        crewmesh_audit::AuditConfig {
-            common: common(Service::Audit, PeersConfig::default()),
-            database: database(&opts.databases, &data_dir, Service::Audit),
-            checkpoints: crewmesh_audit::CheckpointConfig::with_key_file(
-                data_dir.join("audit-signing-key.pk8"),
-            ),
-        },
-        metrics.clone(),
-    )
-    .await
-    .context("starting the audit service")?;
-    launch!(Service::Audit, audit);
-
-    let config = crewmesh_config::Application::build(
-        crewmesh_config::ConfigServiceConfig {
-            common: common(Service::Config, peers.clone()),
-            store: match &opts.config_store {
-                ConfigStoreChoice::Embedded => crewmesh_config::StoreConfig::Embedded {
-                    path: data_dir.join("config.db"),
-                },
-                ConfigStoreChoice::Etcd { endpoints, prefix } => {
-                    crewmesh_config::StoreConfig::Etcd(crewmesh_config::EtcdConfig {
-                        endpoints: endpoints.clone(),
-                        tls: None,
-                        username: None,
-                        password: None,
-                        prefix: prefix.clone(),
-                        timeout: Duration::from_secs(5),
-                    })
-                }
+    let audit = bookkeeping
+        .run(crewmesh_audit::Application::build(
+            crewmesh_audit::AuditConfig {
+                common: common(Service::Audit, PeersConfig::default()),
+                database: database(&opts.databases, &data_dir, Service::Audit),
+                checkpoints: crewmesh_audit::CheckpointConfig::with_key_file(
+                    data_dir.join("audit-signing-key.pk8"),
+                ),
             },
-            secrets_key_file: Some(secrets_key_file(&data_dir)?),
-        },
-        metrics.clone(),
-    )
-    .await
-    .context("starting the config service")?;
-    launch!(Service::Config, config);
+            metrics.clone(),
+        ))
+        .await?
+        .context("starting the audit service")?;
+    launch!(Service::Audit, audit, bookkeeping.handle());
+
+    let config = bookkeeping
+        .run(crewmesh_config::Application::build(
+            crewmesh_config::ConfigServiceConfig {
+                common: common(Service::Config, peers.clone()),
+                store: match &opts.config_store {
+                    ConfigStoreChoice::Embedded => crewmesh_config::StoreConfig::Embedded {
+                        path: data_dir.join("config.db"),
+                    },
+                    ConfigStoreChoice::Etcd { endpoints, prefix } => {
+                        crewmesh_config::StoreConfig::Etcd(crewmesh_config::EtcdConfig {
+                            endpoints: endpoints.clone(),
+                            tls: None,
+                            username: None,
+                            password: None,
+                            prefix: prefix.clone(),
+                            timeout: Duration::from_secs(5),
+                        })
+                    }
+                },
+                secrets_key_file: Some(secrets_key_file(&data_dir)?),
+            },
+            metrics.clone(),
+        ))
+        .await?
+        .context("starting the config service")?;
+    launch!(Service::Config, config, bookkeeping.handle());
     seed_config(
         &pki,
         &td,
@@ -309,62 +398,66 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     .await
     .context("writing the simulated provider and models to the config store")?;
 
-    let metrics_svc = crewmesh_metrics::Application::build(
-        crewmesh_metrics::MetricsConfig {
-            common: common(Service::Metrics, peers.clone()),
-            database: database(&opts.databases, &data_dir, Service::Metrics),
-        },
-        metrics.clone(),
-    )
-    .await
-    .context("starting the metrics service")?;
-    launch!(Service::Metrics, metrics_svc);
+    let metrics_svc = bookkeeping
+        .run(crewmesh_metrics::Application::build(
+            crewmesh_metrics::MetricsConfig {
+                common: common(Service::Metrics, peers.clone()),
+                database: database(&opts.databases, &data_dir, Service::Metrics),
+            },
+            metrics.clone(),
+        ))
+        .await?
+        .context("starting the metrics service")?;
+    launch!(Service::Metrics, metrics_svc, bookkeeping.handle());
 
-    let router = crewmesh_router::Application::build(
-        crewmesh_router::RouterConfig {
-            refresh_interval: opts.refresh_interval,
-            ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
-        },
-        metrics.clone(),
-    )
-    .await
-    .context("starting the router")?;
-    launch!(Service::Router, router);
+    let router = data_plane
+        .run(crewmesh_router::Application::build(
+            crewmesh_router::RouterConfig {
+                refresh_interval: opts.refresh_interval,
+                ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
+            },
+            metrics.clone(),
+        ))
+        .await?
+        .context("starting the router")?;
+    launch!(Service::Router, router, data_plane.handle());
 
-    let agents = crewmesh_agent_runtime::Application::build(
-        crewmesh_agent_runtime::AgentRuntimeConfig {
-            common: common(Service::AgentRuntime, peers.clone()),
-            database: database(&opts.databases, &data_dir, Service::AgentRuntime),
-        },
-        metrics.clone(),
-    )
-    .await
-    .context("starting the agent runtime")?;
-    launch!(Service::AgentRuntime, agents);
+    let agents = bookkeeping
+        .run(crewmesh_agent_runtime::Application::build(
+            crewmesh_agent_runtime::AgentRuntimeConfig {
+                common: common(Service::AgentRuntime, peers.clone()),
+                database: database(&opts.databases, &data_dir, Service::AgentRuntime),
+            },
+            metrics.clone(),
+        ))
+        .await?
+        .context("starting the agent runtime")?;
+    launch!(Service::AgentRuntime, agents, bookkeeping.handle());
 
-    let gateway = crewmesh_gateway::Application::build(
-        crewmesh_gateway::GatewayConfig {
-            common: CommonConfig {
-                server: ServerConfig {
-                    grpc_addr: None,
-                    // The gateway's audit spool, like every service's.
-                    state_dir: Some(data_dir.join("state").join("gateway")),
-                    ..ServerConfig::loopback()
+    let gateway = data_plane
+        .run(crewmesh_gateway::Application::build(
+            crewmesh_gateway::GatewayConfig {
+                common: CommonConfig {
+                    server: ServerConfig {
+                        grpc_addr: None,
+                        // The gateway's audit spool, like every service's.
+                        state_dir: Some(data_dir.join("state").join("gateway")),
+                        ..ServerConfig::loopback()
+                    },
+                    ..common(Service::Gateway, peers.clone())
                 },
-                ..common(Service::Gateway, peers.clone())
+                http_addr: opts.gateway_addr,
+                bootstrap_api_key: Some(key.clone()),
+                upstream_timeout: Duration::from_secs(120),
+                edge: crewmesh_gateway::EdgeConfig {
+                    config_refresh: opts.refresh_interval,
+                    ..Default::default()
+                },
             },
-            http_addr: opts.gateway_addr,
-            bootstrap_api_key: Some(key.clone()),
-            upstream_timeout: Duration::from_secs(120),
-            edge: crewmesh_gateway::EdgeConfig {
-                config_refresh: opts.refresh_interval,
-                ..Default::default()
-            },
-        },
-        metrics.clone(),
-    )
-    .await
-    .with_context(|| format!("starting the gateway on {}", opts.gateway_addr))?;
+            metrics.clone(),
+        ))
+        .await?
+        .with_context(|| format!("starting the gateway on {}", opts.gateway_addr))?;
     let gateway_url = format!("http://{}", gateway.http_addr());
     services.insert(
         "gateway".to_owned(),
@@ -375,15 +468,18 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         },
     );
     let s = stop();
-    tasks.spawn(async move {
-        (
-            Service::Gateway,
-            gateway
-                .run_until_stopped(s)
-                .await
-                .map_err(anyhow::Error::from),
-        )
-    });
+    tasks.spawn_on(
+        async move {
+            (
+                Service::Gateway,
+                gateway
+                    .run_until_stopped(s)
+                    .await
+                    .map_err(anyhow::Error::from),
+            )
+        },
+        data_plane.handle(),
+    );
 
     wait_ready(&services).await?;
     let cli = pki.files_for(CLI_IDENTITY);
@@ -408,6 +504,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         tasks,
         sim,
         data_dir,
+        _runtimes: [data_plane, bookkeeping],
     })
 }
 

@@ -157,6 +157,10 @@ impl Injector for HeaderInjector<'_> {
 /// Makes `span` a child of the W3C trace context in `headers` (if any) and records
 /// its trace id in the span's `trace_id` field.
 pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
+    if span.is_disabled() {
+        // No subscriber records it (tracing off): nothing to link or to show.
+        return;
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     if parent.span().span_context().is_valid() {
@@ -168,17 +172,20 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
 
 /// The current span's trace id as 32 hex characters (all zeros when there is none).
 pub fn current_trace_id() -> String {
-    tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .trace_id()
-        .to_string()
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return opentelemetry::trace::TraceId::INVALID.to_string();
+    }
+    span.context().span().span_context().trace_id().to_string()
 }
 
 /// Writes the current span's trace context into outgoing headers.
 pub fn inject_current(headers: &mut HeaderMap) {
-    let cx = tracing::Span::current().context();
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let cx = span.context();
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut HeaderInjector(headers))
     });
