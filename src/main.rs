@@ -138,11 +138,6 @@ enum LogFormatArg {
     Pretty,
 }
 
-/// mimalloc: the request path allocates and frees many small buffers across threads
-/// (HTTP, HTTP/2, TLS records, protobuf and JSON); see docs/performance.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
