@@ -581,3 +581,21 @@ async fn wait_ready(services: &BTreeMap<String, ServiceEndpoints>) -> anyhow::Re
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_runtime_has_the_threads_asked_for_and_runs_its_tasks() {
+        for threads in [1, 3] {
+            let runtime = ServiceRuntime::new("test-runtime", Some(threads), 0).unwrap();
+            assert_eq!(runtime.handle().metrics().num_workers(), threads);
+            let name = runtime
+                .run(async { std::thread::current().name().map(str::to_owned) })
+                .await
+                .unwrap();
+            assert_eq!(name.as_deref(), Some("test-runtime"));
+        }
+    }
+}

@@ -125,3 +125,105 @@ async fn up_exports_one_trace_per_request_and_stops_cleanly_on_ctrl_c() {
     assert!(names.contains("http"), "{names:?}");
     assert!(names.contains("rpc"), "{names:?}");
 }
+
+/// The `nice` value of every thread of `pid` whose name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn nice_values(pid: u32, prefix: &str) -> Vec<i64> {
+    let mut nice = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let field = after_name.split(' ').nth(19 - 3).unwrap();
+        nice.push(field.parse().unwrap());
+    }
+    nice
+}
+
+/// `crewmesh up --data-plane-threads N`: the gateway, router and simulated upstream run
+/// on their own threads at normal priority; config, audit, metrics and the agent
+/// runtime, and the SQLite threads they start, at `nice` 10.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_bookkeeping_below_the_data_plane_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
+        .args([
+            "up",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--data-plane-threads",
+            "3",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state_path = dir.path().join("state.json");
+    let state: serde_json::Value = eventually("state.json", Duration::from_secs(30), || async {
+        let bytes = std::fs::read(&state_path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/chat/completions",
+            state["gateway_url"].as_str().unwrap()
+        ))
+        .bearer_auth(state["admin_api_key"].as_str().unwrap())
+        .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let pid = child.id();
+    // Thread names are cut to 15 bytes: crewmesh-data-plane, crewmesh-bookkeeping.
+    let data_plane = nice_values(pid, "crewmesh-data-p");
+    let bookkeeping = nice_values(pid, "crewmesh-bookke");
+    let sqlite = nice_values(pid, "sqlx-sqlite");
+    // Its workers and blocking-pool threads carry the same name, so the count is not
+    // asserted here (the runtime's worker count is, in `up`'s unit tests).
+    assert!(!data_plane.is_empty());
+    assert!(data_plane.iter().all(|n| *n == 0), "{data_plane:?}");
+    assert!(!bookkeeping.is_empty());
+    assert!(bookkeeping.iter().all(|n| *n == 10), "{bookkeeping:?}");
+    assert!(!sqlite.is_empty());
+    assert!(sqlite.iter().all(|n| *n == 10), "{sqlite:?}");
+
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "crewmesh up exited with {exit}");
+}
+
+#[test]
+fn up_refuses_a_data_plane_without_threads() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
+        .args(["up", "--data-plane-threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value '0' for '--data-plane-threads"),
+        "{stderr}"
+    );
+}

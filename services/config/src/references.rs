@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 use crate::document::{DocKey, DocKind, DocName, Owner};
 use crate::error::Result;
 use crate::spec::SpecProblem;
-use crate::store::{ConfigStore, ListFilter, ListQuery, MAX_PAGE_SIZE};
+use crate::store::{ConfigStore, ListFilter, list_all};
 
 /// One reference held by a document body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,28 +193,16 @@ impl<'a> View<'a> {
         kind: DocKind,
         owner: Option<Owner>,
     ) -> Result<HashMap<DocKey, Map<String, Value>>> {
-        let mut docs = HashMap::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .store
-                .list(&ListQuery {
-                    filter: ListFilter {
-                        owner: owner.clone(),
-                        kind: Some(kind),
-                    },
-                    page_token: token,
-                    page_size: MAX_PAGE_SIZE,
-                })
-                .await?;
-            for d in page.documents {
-                docs.insert(d.key, d.value.spec);
-            }
-            match page.next_page_token {
-                Some(t) => token = t,
-                None => break,
-            }
-        }
+        let (_, listed) = list_all(
+            self.store,
+            ListFilter {
+                owner: owner.clone(),
+                kind: Some(kind),
+            },
+        )
+        .await?;
+        let mut docs: HashMap<DocKey, Map<String, Value>> =
+            listed.into_iter().map(|d| (d.key, d.value.spec)).collect();
         for (key, body) in &self.pending {
             if key.kind != kind || owner.as_ref().is_some_and(|o| *o != key.owner) {
                 continue;
@@ -446,6 +434,12 @@ mod tests {
         store.put(k, &value, None).await.unwrap();
     }
 
+    /// What `view` finds dangling in `body` (stored at `key`), as messages.
+    async fn dangling(view: &View<'_>, key: &DocKey, body: &Map<String, Value>) -> Vec<String> {
+        let found = view.dangling(key, body).await.unwrap();
+        found.iter().map(ToString::to_string).collect()
+    }
+
     #[test]
     fn every_reference_is_found_with_its_path() {
         let model = obj(json!({
@@ -513,13 +507,7 @@ mod tests {
 
         // The tenant model resolves `sim` through _global, not `own`.
         let view = View::new(&store, [(acme_model.clone(), Some(&body))]);
-        let problems: Vec<String> = view
-            .dangling(&acme_model, &body)
-            .await
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems = dangling(&view, &acme_model, &body).await;
         assert_eq!(
             problems,
             vec![
@@ -539,7 +527,7 @@ mod tests {
         let gbody = obj(json!({"deployments": [{"provider": "own", "model": "x"}]}));
         let view = View::new(&store, [(global_model.clone(), Some(&gbody))]);
         assert_eq!(
-            view.dangling(&global_model, &gbody).await.unwrap()[0].to_string(),
+            dangling(&view, &global_model, &gbody).await[0],
             r#"deployments[0].provider: provider "own" does not exist (in _global)"#
         );
         // A provider created in the same write counts.
@@ -550,12 +538,7 @@ mod tests {
                 (key("_global", DocKind::Provider, "own"), Some(&gbody)),
             ],
         );
-        assert!(
-            view.dangling(&global_model, &gbody)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(dangling(&view, &global_model, &gbody).await.is_empty());
 
         // Deleting the global provider a tenant model uses is refused...
         let mbody = obj(json!({"deployments": [{"provider": "sim", "model": "x"}]}));
@@ -605,13 +588,7 @@ mod tests {
             "variants": {"blue": {"deployments": [{"provider": "sim", "model": "b"}]}}}),
         );
         let view = View::new(&store, [(model_key.clone(), Some(&model))]);
-        let problems: Vec<String> = view
-            .dangling(&model_key, &model)
-            .await
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems = dangling(&view, &model_key, &model).await;
         assert_eq!(
             problems,
             vec![
@@ -624,20 +601,9 @@ mod tests {
         put(&store, &flag_key, Value::Object(good_flag.clone())).await;
         put(&store, &model_key, Value::Object(model.clone())).await;
         let view = View::new(&store, [(flag_key.clone(), Some(&good_flag))]);
-        assert!(
-            view.dangling(&flag_key, &good_flag)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(dangling(&view, &flag_key, &good_flag).await.is_empty());
         let view = View::new(&store, [(flag_key.clone(), Some(&flag))]);
-        let problems: Vec<String> = view
-            .dangling(&flag_key, &flag)
-            .await
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let problems = dangling(&view, &flag_key, &flag).await;
         assert_eq!(
             problems,
             vec![
@@ -653,6 +619,6 @@ mod tests {
                 (key("acme", DocKind::Flag, "ab"), Some(&good_flag)),
             ],
         );
-        assert!(view.dangling(&flag_key, &flag).await.unwrap().is_empty());
+        assert!(dangling(&view, &flag_key, &flag).await.is_empty());
     }
 }

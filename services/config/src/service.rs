@@ -31,7 +31,7 @@ use crate::error::{ConfigServiceError, Result};
 use crate::references::View;
 use crate::secrets::{Reveal, SecretsKey, present, seal_inline};
 use crate::spec::parse_spec;
-use crate::store::{ApplyOp, ListFilter, ListQuery, SharedStore};
+use crate::store::{ApplyOp, ListFilter, ListQuery, SharedStore, list_all};
 
 /// Versions per History page when the caller asks for 0.
 pub const DEFAULT_HISTORY_PAGE: usize = 20;
@@ -546,25 +546,11 @@ impl ConfigApi {
         }
         let mut docs = Vec::new();
         for owner in owners {
-            let mut token = String::new();
-            loop {
-                let page = self
-                    .store
-                    .list(&ListQuery {
-                        filter: ListFilter {
-                            owner: Some(owner.clone()),
-                            kind: Some(DocKind::Flag),
-                        },
-                        page_token: token,
-                        page_size: crate::store::MAX_PAGE_SIZE,
-                    })
-                    .await?;
-                docs.extend(page.documents);
-                match page.next_page_token {
-                    Some(t) => token = t,
-                    None => break,
-                }
-            }
+            let filter = ListFilter {
+                owner: Some(owner),
+                kind: Some(DocKind::Flag),
+            };
+            docs.extend(list_all(&*self.store, filter).await?.1);
         }
         let bodies: Vec<(String, String)> = docs
             .iter()

@@ -20,7 +20,7 @@ use tonic::Status;
 use crate::document::{DocKind, Owner};
 use crate::error::{ConfigServiceError, Result};
 use crate::service::{CallerInfo, ReadScope, read_scope};
-use crate::store::{Change, ChangeBatch, ListFilter, ListQuery, SharedStore};
+use crate::store::{Change, ChangeBatch, ListFilter, SharedStore, list_all};
 
 /// How often a quiet watch says it is still alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -150,25 +150,13 @@ async fn snapshot(
     let mut revision = i64::MAX;
     let mut events = Vec::new();
     for kind in kinds {
-        let mut token = String::new();
-        loop {
-            let page = store
-                .list(&ListQuery {
-                    filter: ListFilter {
-                        owner: filter.owner.clone(),
-                        kind,
-                    },
-                    page_token: token,
-                    page_size: crate::store::MAX_PAGE_SIZE,
-                })
-                .await?;
-            revision = revision.min(page.revision);
-            events.extend(page.documents.into_iter().map(|d| event(Change::Put(d))));
-            match page.next_page_token {
-                Some(next) => token = next,
-                None => break,
-            }
-        }
+        let filter = ListFilter {
+            owner: filter.owner.clone(),
+            kind,
+        };
+        let (read_at, documents) = list_all(&**store, filter).await?;
+        revision = revision.min(read_at);
+        events.extend(documents.into_iter().map(|d| event(Change::Put(d))));
     }
     Ok((revision, events))
 }

@@ -120,6 +120,32 @@ pub trait ConfigStore: Send + Sync + 'static {
     fn apply<'a>(&'a self, ops: &'a [ApplyOp]) -> BoxFuture<'a, Result<ApplyOutcome>>;
 }
 
+/// Every document `filter` covers, read page by page, and the lowest store revision
+/// the pages were read at (a listing longer than one page is not one snapshot).
+pub async fn list_all(
+    store: &dyn ConfigStore,
+    filter: ListFilter,
+) -> Result<(i64, Vec<StoredDoc>)> {
+    let mut documents = Vec::new();
+    let mut revision = i64::MAX;
+    let mut page_token = String::new();
+    loop {
+        let page = store
+            .list(&ListQuery {
+                filter: filter.clone(),
+                page_token,
+                page_size: MAX_PAGE_SIZE,
+            })
+            .await?;
+        revision = revision.min(page.revision);
+        documents.extend(page.documents);
+        match page.next_page_token {
+            Some(next) => page_token = next,
+            None => return Ok((revision, documents)),
+        }
+    }
+}
+
 /// One operation of [`ConfigStore::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApplyOp {
