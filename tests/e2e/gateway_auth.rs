@@ -197,10 +197,8 @@ async fn apikey_documents_hot_reload_expire_and_apply_rbac() {
     };
     let viewer = "cm_viewer_key_written_straight_to_config";
     let expired = "cm_expired_key_written_straight_to_config";
-    config
-        .put(put("viewer", viewer, &["viewer"], None))
-        .await
-        .unwrap();
+    // The expired key is written first: the watch applies changes in revision
+    // order, so once the viewer key is accepted the expired one is known too.
     config
         .put(put(
             "old",
@@ -208,6 +206,10 @@ async fn apikey_documents_hot_reload_expire_and_apply_rbac() {
             &["admin"],
             Some("2020-01-01T00:00:00Z"),
         ))
+        .await
+        .unwrap();
+    config
+        .put(put("viewer", viewer, &["viewer"], None))
         .await
         .unwrap();
 
