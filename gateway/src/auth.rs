@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use axum::http::HeaderMap;
-use crewmesh_kit::config_cache::{ConfigCache, Snapshot};
+use crewmesh_kit::config_cache::Snapshot;
 use crewmesh_kit::principal::{Principal, Role, TenantId};
 use crewmesh_kit::settings::Secret;
 use crewmesh_proto::config::v1::{Document, Kind};
@@ -313,20 +313,6 @@ impl KeySource {
     /// This gateway deleted a key at store `revision`.
     pub fn revoked(&self, revision: i64, tenant: &str, id: &str) {
         self.rebuild(|inner| inner.1.revoked(revision, tenant, id));
-    }
-
-    /// Keeps the ring in step with `cache` until the cache is dropped.
-    pub fn follow(self: Arc<Self>, cache: &ConfigCache) {
-        let mut rx = cache.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let snap = rx.borrow_and_update().clone();
-                self.apply_snapshot(snap);
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
     }
 }
 

@@ -289,6 +289,27 @@ async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: 
     resp
 }
 
+/// Applies every snapshot of the apikey and tenant documents, the tenant policies
+/// first and then the keys, in one task: a key is never accepted before the policy
+/// of the same snapshot (limits, budgets, `audit_mode`) applies to its tenant.
+fn follow_key_documents(
+    cache: &ConfigCache,
+    keys: Arc<KeySource>,
+    policies: Arc<ArcSwap<HashMap<String, limits::TenantPolicy>>>,
+) {
+    let mut rx = cache.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            policies.store(Arc::new(limits::tenant_policies(&snap)));
+            keys.apply_snapshot(snap);
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// The caller of a request: an OIDC token when OIDC is configured and the bearer
 /// credential is a JWT, else an API key; with the key's own limits.
 async fn authenticate(
@@ -493,9 +514,8 @@ impl Application {
             readiness.clone(),
             &metrics,
         );
-        key_source.clone().follow(&key_docs);
         let tenant_policies = Arc::new(ArcSwap::from_pointee(HashMap::new()));
-        limits::follow_policies(&key_docs, tenant_policies.clone());
+        follow_key_documents(&key_docs, key_source.clone(), tenant_policies.clone());
         let replica_count = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let membership = match &config.edge.membership {
             Some(m) => Some(

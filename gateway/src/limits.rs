@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::with_principal;
-use crewmesh_kit::config_cache::{ConfigCache, Snapshot};
+use crewmesh_kit::config_cache::Snapshot;
 use crewmesh_kit::principal::Principal;
 use crewmesh_proto::config::v1::Kind;
 use crewmesh_proto::metrics::v1::{GroupBy, SpendRequest, UsageFilter};
@@ -300,20 +299,6 @@ pub fn key_budget_exhausted(key: &str, spend: f64, budget: f64) -> Problem {
             "the monthly budget of {key} (${budget:.2}) is used up: ${spend:.4} spent this month"
         ),
     )
-}
-
-/// Keeps `target` in step with the tenant documents of `cache`.
-pub fn follow_policies(cache: &ConfigCache, target: Arc<ArcSwap<HashMap<String, TenantPolicy>>>) {
-    let mut rx = cache.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let snap = rx.borrow_and_update().clone();
-            target.store(Arc::new(tenant_policies(&snap)));
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    });
 }
 
 /// Month-to-date spend of the principal's tenant, or with `of_subject` of the

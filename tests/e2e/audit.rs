@@ -416,6 +416,63 @@ fn chat_at(http: &reqwest::Client, gateway: &str, key: &str) -> reqwest::Request
         .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}))
 }
 
+/// Waits until `gateway` applies the `fail_closed` audit mode of `key`'s tenant. A key
+/// created through a gateway is known to it at once, while tenant documents written
+/// to the config service reach it through the config watch, so a known key does not
+/// mean that the mode applies yet. Each probe is a `GET /v1/models` (no model call): once a probe
+/// leaves an intent record besides its outcome record in the trail, the mode applies
+/// (a spooled intent is delivered before the outcome recorded after it).
+async fn wait_until_fail_closed(mesh: &TestMesh, gateway: &str, key: &str, probe: &str) {
+    let mut n = 0;
+    eventually(
+        &format!("the fail_closed mode to apply ({probe})"),
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            let id = format!("{probe}-{n}");
+            async move {
+                let (s, _) = send(
+                    mesh.http
+                        .get(format!("{gateway}/v1/models"))
+                        .bearer_auth(key)
+                        .header("x-request-id", &id),
+                )
+                .await;
+                if s != 200 {
+                    return None; // the key is not known yet
+                }
+                let records = eventually(
+                    "the probe's outcome record",
+                    Duration::from_secs(10),
+                    || async {
+                        let (_, events) = send(
+                            mesh.http
+                                .get(mesh.url("/v1/audit/events?action=http.models.read"))
+                                .bearer_auth(key),
+                        )
+                        .await;
+                        let mine: Vec<serde_json::Value> = events["data"]
+                            .as_array()?
+                            .iter()
+                            .filter(|e| e["request_id"] == id.as_str())
+                            .cloned()
+                            .collect();
+                        mine.iter()
+                            .any(|e| e["details"]["phase"] != "intent")
+                            .then_some(mine)
+                    },
+                )
+                .await;
+                records
+                    .iter()
+                    .any(|e| e["details"]["phase"] == "intent")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_durable() {
     let mesh = TestMesh::start().await;
@@ -446,6 +503,8 @@ async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_
     }
     let (acme, globex) = (keys[0].clone(), keys[1].clone());
     let gateway = mesh.state().gateway_url.clone();
+    // The tenant documents reach the gateway through the config watch.
+    wait_until_fail_closed(&mesh, &gateway, &acme, "probe-main").await;
 
     // Audit healthy: both tenants are served, and acme's request has a durable intent
     // record before its outcome record.
@@ -480,7 +539,9 @@ async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_
     assert_eq!(v["ok"], true, "{v}");
 
     // A gateway that can neither reach audit nor spool: acme is refused and nothing is
-    // done; globex is still served.
+    // done; globex is still served. A new gateway applies each config snapshot's
+    // tenant policies before its keys, so once it knows a key, the key's tenant policy
+    // applies (waiting for the key is enough).
     let (cut_off, stop) = extra_gateway(&mesh, "127.0.0.1:1", None).await;
     let (s, v) = eventually(
         "the extra gateway to know globex's key",

@@ -222,6 +222,9 @@ pub struct Provider {
     pub name: String,
     pub kind: String,
     pub base_url: String,
+    /// The URL model calls are sent to (`base_url` + the API's path for `kind`), parsed
+    /// once per catalog; the reason when it does not parse or `kind` is unknown.
+    pub endpoint: Result<reqwest::Url, String>,
     pub api_key: Option<Secret>,
     pub timeouts: Timeouts,
 }
@@ -372,6 +375,18 @@ fn build_deployments(
     deployments
 }
 
+/// The URL of a provider's chat endpoint: `/chat/completions` for the OpenAI wire
+/// (`openai`, `simulated`), `/messages` for `anthropic`.
+fn endpoint(kind: &str, base_url: &str) -> Result<reqwest::Url, String> {
+    let path = match kind {
+        "openai" | "simulated" => "chat/completions",
+        "anthropic" => "messages",
+        other => return Err(format!("unsupported provider type `{other}`")),
+    };
+    reqwest::Url::parse(&format!("{base_url}/{path}"))
+        .map_err(|e| format!("invalid base_url `{base_url}`: {e}"))
+}
+
 impl Catalog {
     /// Builds the catalog. Documents that do not parse are skipped with a warning (the
     /// config service validates them on write, so this only guards against drift).
@@ -381,12 +396,14 @@ impl Catalog {
             match serde_json::from_str::<ProviderSpec>(&doc.spec_json) {
                 Ok(spec) => {
                     let api_key = resolve_key(&doc.name, &spec);
+                    let base_url = spec.base_url.trim_end_matches('/').to_owned();
                     providers.insert(
                         (doc.tenant.clone(), doc.name.clone()),
                         Arc::new(Provider {
                             name: doc.name.clone(),
+                            endpoint: endpoint(&spec.kind, &base_url),
                             kind: spec.kind,
-                            base_url: spec.base_url.trim_end_matches('/').to_owned(),
+                            base_url,
                             api_key,
                             timeouts: Timeouts {
                                 connect: spec.connect_timeout_ms.map(Duration::from_millis),
@@ -672,6 +689,17 @@ mod tests {
             global.deployments[0].provider.as_ref().unwrap().base_url,
             "http://x/v1"
         );
+        assert_eq!(
+            global.deployments[0]
+                .provider
+                .as_ref()
+                .unwrap()
+                .endpoint
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "http://x/v1/chat/completions"
+        );
         let acme = cat.resolve("acme", "m").unwrap();
         assert_eq!(
             acme.deployments[0].provider.as_ref().unwrap_err(),
@@ -794,5 +822,30 @@ mod tests {
         assert_eq!(counted(&metrics, "default", "no_such_variant"), 1);
         assert_eq!(s.model.deployments[0].upstream_model, "default");
         assert!(cat.select("acme", "nope", "u1").is_none());
+    }
+
+    #[test]
+    fn endpoints_follow_the_provider_type() {
+        assert_eq!(
+            endpoint("anthropic", "https://api.example/v1")
+                .unwrap()
+                .as_str(),
+            "https://api.example/v1/messages"
+        );
+        assert_eq!(
+            endpoint("simulated", "http://127.0.0.1:9/v1")
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+        assert_eq!(
+            endpoint("gemini", "http://x").unwrap_err(),
+            "unsupported provider type `gemini`"
+        );
+        assert!(
+            endpoint("openai", "not a url")
+                .unwrap_err()
+                .starts_with("invalid base_url `not a url`")
+        );
     }
 }

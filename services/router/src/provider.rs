@@ -290,15 +290,16 @@ impl ProviderClient {
         &self,
         provider: &Provider,
         wire: Wire,
-        body: serde_json::Value,
+        body: Vec<u8>,
         t: AttemptTimeouts,
     ) -> Result<reqwest::Response, UpstreamError> {
         let http = self
             .client(t.connect)
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        let url = provider.endpoint.clone().map_err(UpstreamError::Connect)?;
         let mut call = match wire {
             Wire::OpenAi => {
-                let mut c = http.post(format!("{}/chat/completions", provider.base_url));
+                let mut c = http.post(url);
                 if let Some(key) = &provider.api_key {
                     c = c.bearer_auth(key.expose());
                 }
@@ -306,7 +307,7 @@ impl ProviderClient {
             }
             Wire::Anthropic => {
                 let mut c = http
-                    .post(format!("{}/messages", provider.base_url))
+                    .post(url)
                     .header("anthropic-version", crate::anthropic::API_VERSION);
                 if let Some(key) = &provider.api_key {
                     c = c.header("x-api-key", key.expose());
@@ -314,7 +315,10 @@ impl ProviderClient {
                 c
             }
         };
-        call = call.json(&body).timeout(t.total);
+        call = call
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .timeout(t.total);
         let resp = match tokio::time::timeout(t.first_byte, call.send()).await {
             Err(_) => return Err(UpstreamError::Timeout(TimeoutKind::FirstByte, t.first_byte)),
             Ok(r) => r.map_err(|e| classify(e, t))?,
@@ -347,9 +351,9 @@ impl ProviderClient {
     ) -> Result<Answer, UpstreamError> {
         let wire = Self::wire(provider)?;
         let body = match wire {
-            Wire::OpenAi => serde_json::to_value(request_from_proto(req, upstream_model)),
+            Wire::OpenAi => serde_json::to_vec(&request_from_proto(req, upstream_model)),
             Wire::Anthropic => {
-                serde_json::to_value(crate::anthropic::request(req, upstream_model, false))
+                serde_json::to_vec(&crate::anthropic::request(req, upstream_model, false))
             }
         }
         .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
@@ -381,9 +385,9 @@ impl ProviderClient {
     ) -> Result<(StreamItem, UpstreamStream), UpstreamError> {
         let wire = Self::wire(provider)?;
         let body = match wire {
-            Wire::OpenAi => serde_json::to_value(stream_request_from_proto(req, upstream_model)),
+            Wire::OpenAi => serde_json::to_vec(&stream_request_from_proto(req, upstream_model)),
             Wire::Anthropic => {
-                serde_json::to_value(crate::anthropic::request(req, upstream_model, true))
+                serde_json::to_vec(&crate::anthropic::request(req, upstream_model, true))
             }
         }
         .map_err(|e| UpstreamError::Malformed(e.to_string()))?;

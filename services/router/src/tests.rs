@@ -922,6 +922,7 @@ async fn two_routers_counted_through_etcd_leases_keep_the_configured_limit() {
     assert_eq!(admitted, 2, "rpm 2 across two routers");
     // When b leaves, a takes the whole limit again.
     mb.leave().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while ma.replicas() != 1 {
         assert!(std::time::Instant::now() < deadline, "a never saw b leave");
         tokio::time::sleep(Duration::from_millis(50)).await;
