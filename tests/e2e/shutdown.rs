@@ -11,7 +11,8 @@ use crate::harness::{TestMesh, eventually};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_finish_during_shutdown() {
     let mut mesh = TestMesh::start().await;
-    // A model whose simulated upstream answers after 700 ms.
+    // A model whose simulated upstream answers after 2 s: time enough, even on a loaded
+    // machine, to see the call in flight before shutting down.
     let mut config =
         ConfigServiceClient::new(mesh.channel_as(Service::Config, mesh.tls_files("cli")));
     config
@@ -20,7 +21,7 @@ async fn in_flight_requests_finish_during_shutdown() {
             kind: Kind::Model as i32,
             name: "slow".into(),
             spec_json:
-                serde_json::json!({"deployments": [{"provider": "simulated", "model": "slow-700"}]})
+                serde_json::json!({"deployments": [{"provider": "simulated", "model": "slow-2000"}]})
                     .to_string(),
             expected_version: None,
         })
