@@ -184,6 +184,22 @@ impl ServiceRuntime {
             .await
             .context("a service runtime task failed")
     }
+
+    /// Runs a started service on this runtime until its stop signal (`run`); its
+    /// outcome joins `tasks`.
+    fn serve<E>(
+        &self,
+        tasks: &mut Tasks,
+        svc: Service,
+        run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        anyhow::Error: From<E>,
+    {
+        tasks.spawn_on(
+            async move { (svc, run.await.map_err(anyhow::Error::from)) },
+            self.handle(),
+        );
+    }
 }
 
 impl Drop for ServiceRuntime {
@@ -320,14 +336,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     macro_rules! launch {
         ($svc:expr, $app:ident, $runtime:expr) => {{
             record($svc, $app.grpc_addr(), $app.admin_addr(), &mut peers);
-            let stop = stop();
-            tasks.spawn_on(
-                async move {
-                    let result = $app.run_until_stopped(stop).await;
-                    ($svc, result.map_err(anyhow::Error::from))
-                },
-                $runtime,
-            );
+            $runtime.serve(&mut tasks, $svc, $app.run_until_stopped(stop()));
         }};
     }
 
@@ -361,7 +370,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         ))
         .await?
         .context("starting the audit service")?;
-    launch!(Service::Audit, audit, bookkeeping.handle());
+    launch!(Service::Audit, audit, bookkeeping);
 
     let config = bookkeeping
         .run(crewmesh_config::Application::build(
@@ -388,7 +397,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         ))
         .await?
         .context("starting the config service")?;
-    launch!(Service::Config, config, bookkeeping.handle());
+    launch!(Service::Config, config, bookkeeping);
     seed_config(
         &pki,
         &td,
@@ -408,7 +417,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         ))
         .await?
         .context("starting the metrics service")?;
-    launch!(Service::Metrics, metrics_svc, bookkeeping.handle());
+    launch!(Service::Metrics, metrics_svc, bookkeeping);
 
     let router = data_plane
         .run(crewmesh_router::Application::build(
@@ -420,7 +429,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         ))
         .await?
         .context("starting the router")?;
-    launch!(Service::Router, router, data_plane.handle());
+    launch!(Service::Router, router, data_plane);
 
     let agents = bookkeeping
         .run(crewmesh_agent_runtime::Application::build(
@@ -432,7 +441,7 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         ))
         .await?
         .context("starting the agent runtime")?;
-    launch!(Service::AgentRuntime, agents, bookkeeping.handle());
+    launch!(Service::AgentRuntime, agents, bookkeeping);
 
     let gateway = data_plane
         .run(crewmesh_gateway::Application::build(
@@ -467,18 +476,10 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
             http: Some(gateway_url.clone()),
         },
     );
-    let s = stop();
-    tasks.spawn_on(
-        async move {
-            (
-                Service::Gateway,
-                gateway
-                    .run_until_stopped(s)
-                    .await
-                    .map_err(anyhow::Error::from),
-            )
-        },
-        data_plane.handle(),
+    data_plane.serve(
+        &mut tasks,
+        Service::Gateway,
+        gateway.run_until_stopped(stop()),
     );
 
     wait_ready(&services).await?;

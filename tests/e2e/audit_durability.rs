@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use crewmesh_audit::EventRecord;
 use crewmesh_audit::store::{AuditStore, Backend, EventQuery};
 use crewmesh_kit::settings::DatabaseConfig;
 
-use crate::harness::eventually;
+use crate::harness::{eventually, stop_with_ctrl_c, up_process};
 
 fn chat(http: &reqwest::Client, gateway: &str, key: &str, id: &str) -> reqwest::RequestBuilder {
     http.post(format!("{gateway}/v1/chat/completions"))
@@ -136,36 +135,10 @@ async fn a_postgres_restart_mid_load_loses_nothing_and_stores_nothing_twice() {
     mesh.shutdown().await.expect("clean shutdown");
 }
 
-/// `crewmesh up` in its own process with `dir` as data directory; returns it with its
-/// gateway URL and admin key once it is ready.
-async fn up_process(dir: &std::path::Path) -> (std::process::Child, String, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
-        .args(["up", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let state_path = dir.join("state.json");
-    let state: serde_json::Value = eventually("state.json", Duration::from_secs(60), || async {
-        let bytes = std::fs::read(&state_path).ok()?;
-        let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        (state["pid"] == pid).then_some(state)
-    })
-    .await;
-    (
-        child,
-        state["gateway_url"].as_str().unwrap().to_owned(),
-        state["admin_api_key"].as_str().unwrap().to_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_sender_replays_every_accepted_event_exactly_once_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, gateway, key) = up_process(dir.path()).await;
+    let (mut child, gateway, key) = up_process(dir.path(), &[], &[]).await;
     let http = reqwest::Client::new();
 
     // Four clients in parallel; the process is killed while they are sending.
@@ -206,7 +179,7 @@ async fn a_killed_sender_replays_every_accepted_event_exactly_once_after_restart
     assert!(accepted.len() >= 100, "{}", accepted.len());
 
     // The same data directory: the spools replay what was not acknowledged.
-    let (mut child, gateway, key) = up_process(dir.path()).await;
+    let (child, gateway, key) = up_process(dir.path(), &[], &[]).await;
     let audit_db = format!(
         "sqlite://{}?mode=rwc",
         dir.path().join("audit.db").display()
@@ -215,14 +188,5 @@ async fn a_killed_sender_replays_every_accepted_event_exactly_once_after_restart
     let v = verify(&http, &gateway, &key).await;
     assert_eq!(v["ok"], true, "{v}");
 
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "crewmesh up exited with {exit}");
+    stop_with_ctrl_c(child).await;
 }

@@ -1,7 +1,8 @@
 //! `TestMesh`: the mesh for one test, with a builder to choose its backends.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crewmesh::up::{self, ConfigStoreChoice, DatabaseChoice, RunningMesh, UpOptions};
@@ -183,4 +184,52 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `crewmesh up` in its own process, as a user runs it, with `dir` as data directory,
+/// `args` added to its command line and `envs` to its environment. Returns the process,
+/// its gateway URL and admin key once it has written its `state.json`.
+pub async fn up_process(
+    dir: &Path,
+    args: &[&str],
+    envs: &[(&str, String)],
+) -> (Child, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
+        .args(["up", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let state_path = dir.join("state.json");
+    let state: serde_json::Value = eventually("state.json", Duration::from_secs(60), || async {
+        let bytes = std::fs::read(&state_path).ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        // A state.json left by an earlier process in the same directory is not ours.
+        (state["pid"] == pid).then_some(state)
+    })
+    .await;
+    (
+        child,
+        state["gateway_url"].as_str().unwrap().to_owned(),
+        state["admin_api_key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Stops a `crewmesh up` process with Ctrl-C (SIGINT) and asserts that it exits 0.
+pub async fn stop_with_ctrl_c(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "crewmesh up exited with {exit}");
 }

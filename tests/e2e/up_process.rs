@@ -3,9 +3,8 @@
 //! the router.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -14,7 +13,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
-use crate::harness::eventually;
+use crate::harness::{stop_with_ctrl_c, up_process};
 
 /// A minimal OTLP/gRPC trace collector that keeps (trace id, service name, span name).
 #[derive(Clone, Default)]
@@ -66,25 +65,16 @@ async fn up_exports_one_trace_per_request_and_stops_cleanly_on_ctrl_c() {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
-        .args(["up", "--gateway-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env(
+    let (child, gateway, key) = up_process(
+        dir.path(),
+        &[],
+        &[(
             "CREWMESH_TELEMETRY__OTLP_ENDPOINT",
             format!("http://{otlp}"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_path = dir.path().join("state.json");
-    let state: serde_json::Value = eventually("state.json", Duration::from_secs(30), || async {
-        let bytes = std::fs::read(&state_path).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    })
+        )],
+    )
     .await;
-    let gateway = state["gateway_url"].as_str().unwrap();
-    let key = state["admin_api_key"].as_str().unwrap();
+    let state_path = dir.path().join("state.json");
 
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let resp = reqwest::Client::new()
@@ -98,16 +88,7 @@ async fn up_exports_one_trace_per_request_and_stops_cleanly_on_ctrl_c() {
     assert_eq!(resp.status(), 200);
 
     // Ctrl-C: drain, flush, exit 0, remove state.json.
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "crewmesh up exited with {exit}");
+    stop_with_ctrl_c(child).await;
     assert!(
         !state_path.exists(),
         "state.json is removed on a clean stop"
@@ -156,32 +137,10 @@ fn nice_values(pid: u32, prefix: &str) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_bookkeeping_below_the_data_plane_priority() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
-        .args([
-            "up",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--data-plane-threads",
-            "3",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_path = dir.path().join("state.json");
-    let state: serde_json::Value = eventually("state.json", Duration::from_secs(30), || async {
-        let bytes = std::fs::read(&state_path).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    })
-    .await;
+    let (child, gateway, key) = up_process(dir.path(), &["--data-plane-threads", "3"], &[]).await;
     let resp = reqwest::Client::new()
-        .post(format!(
-            "{}/v1/chat/completions",
-            state["gateway_url"].as_str().unwrap()
-        ))
-        .bearer_auth(state["admin_api_key"].as_str().unwrap())
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(key)
         .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
@@ -202,16 +161,7 @@ async fn up_runs_bookkeeping_below_the_data_plane_priority() {
     assert!(!sqlite.is_empty());
     assert!(sqlite.iter().all(|n| *n == 10), "{sqlite:?}");
 
-    let status = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "crewmesh up exited with {exit}");
+    stop_with_ctrl_c(child).await;
 }
 
 #[test]

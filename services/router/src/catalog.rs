@@ -26,6 +26,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 
+use crate::provider::Wire;
+
 pub const GLOBAL: &str = "_global";
 
 /// How to reach a provider.
@@ -375,15 +377,10 @@ fn build_deployments(
     deployments
 }
 
-/// The URL of a provider's chat endpoint: `/chat/completions` for the OpenAI wire
-/// (`openai`, `simulated`), `/messages` for `anthropic`.
+/// The URL of a provider's chat endpoint: `base_url` and the path of its API.
 fn endpoint(kind: &str, base_url: &str) -> Result<reqwest::Url, String> {
-    let path = match kind {
-        "openai" | "simulated" => "chat/completions",
-        "anthropic" => "messages",
-        other => return Err(format!("unsupported provider type `{other}`")),
-    };
-    reqwest::Url::parse(&format!("{base_url}/{path}"))
+    let wire = Wire::of(kind).ok_or_else(|| format!("unsupported provider type `{kind}`"))?;
+    reqwest::Url::parse(&format!("{base_url}/{}", wire.path()))
         .map_err(|e| format!("invalid base_url `{base_url}`: {e}"))
 }
 

@@ -144,6 +144,25 @@ pub(crate) enum Wire {
     Anthropic,
 }
 
+impl Wire {
+    /// The API a provider `type` speaks (`None`: not one the router supports).
+    pub(crate) fn of(kind: &str) -> Option<Self> {
+        match kind {
+            "openai" | "simulated" => Some(Wire::OpenAi),
+            "anthropic" => Some(Wire::Anthropic),
+            _ => None,
+        }
+    }
+
+    /// The path of the chat endpoint under a provider's `base_url`.
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Wire::OpenAi => "chat/completions",
+            Wire::Anthropic => "messages",
+        }
+    }
+}
+
 impl UpstreamStream {
     /// The next event; `Ok(None)` when the upstream closed the stream (a close before
     /// [`StreamItem::Done`] is a truncated stream).
@@ -277,11 +296,7 @@ impl ProviderClient {
     }
 
     fn wire(provider: &Provider) -> Result<Wire, UpstreamError> {
-        match provider.kind.as_str() {
-            "openai" | "simulated" => Ok(Wire::OpenAi),
-            "anthropic" => Ok(Wire::Anthropic),
-            other => Err(UpstreamError::Unsupported(other.to_owned())),
-        }
+        Wire::of(&provider.kind).ok_or_else(|| UpstreamError::Unsupported(provider.kind.clone()))
     }
 
     /// Sends the request and waits for the response headers within the first-byte
