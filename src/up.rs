@@ -419,13 +419,18 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         .context("starting the metrics service")?;
     launch!(Service::Metrics, metrics_svc, bookkeeping);
 
+    // The data plane's services deliver their audit events and usage records from the
+    // bookkeeping runtime: only the spool write stays on a request's path.
     let router = data_plane
-        .run(crewmesh_router::Application::build(
-            crewmesh_router::RouterConfig {
-                refresh_interval: opts.refresh_interval,
-                ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
-            },
-            metrics.clone(),
+        .run(crewmesh_kit::tasks::with_background(
+            bookkeeping.handle().clone(),
+            crewmesh_router::Application::build(
+                crewmesh_router::RouterConfig {
+                    refresh_interval: opts.refresh_interval,
+                    ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
+                },
+                metrics.clone(),
+            ),
         ))
         .await?
         .context("starting the router")?;
@@ -444,26 +449,29 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     launch!(Service::AgentRuntime, agents, bookkeeping);
 
     let gateway = data_plane
-        .run(crewmesh_gateway::Application::build(
-            crewmesh_gateway::GatewayConfig {
-                common: CommonConfig {
-                    server: ServerConfig {
-                        grpc_addr: None,
-                        // The gateway's audit spool, like every service's.
-                        state_dir: Some(data_dir.join("state").join("gateway")),
-                        ..ServerConfig::loopback()
+        .run(crewmesh_kit::tasks::with_background(
+            bookkeeping.handle().clone(),
+            crewmesh_gateway::Application::build(
+                crewmesh_gateway::GatewayConfig {
+                    common: CommonConfig {
+                        server: ServerConfig {
+                            grpc_addr: None,
+                            // The gateway's audit spool, like every service's.
+                            state_dir: Some(data_dir.join("state").join("gateway")),
+                            ..ServerConfig::loopback()
+                        },
+                        ..common(Service::Gateway, peers.clone())
                     },
-                    ..common(Service::Gateway, peers.clone())
+                    http_addr: opts.gateway_addr,
+                    bootstrap_api_key: Some(key.clone()),
+                    upstream_timeout: Duration::from_secs(120),
+                    edge: crewmesh_gateway::EdgeConfig {
+                        config_refresh: opts.refresh_interval,
+                        ..Default::default()
+                    },
                 },
-                http_addr: opts.gateway_addr,
-                bootstrap_api_key: Some(key.clone()),
-                upstream_timeout: Duration::from_secs(120),
-                edge: crewmesh_gateway::EdgeConfig {
-                    config_refresh: opts.refresh_interval,
-                    ..Default::default()
-                },
-            },
-            metrics.clone(),
+                metrics.clone(),
+            ),
         ))
         .await?
         .with_context(|| format!("starting the gateway on {}", opts.gateway_addr))?;

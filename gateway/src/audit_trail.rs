@@ -152,7 +152,7 @@ impl Facts {
         tenant: &str,
         subject: &str,
         outcome: Outcome,
-        details: serde_json::Value,
+        details: Details<'_>,
     ) -> audit::EventInput {
         audit::EventInput {
             tenant: tenant.to_owned(),
@@ -168,29 +168,41 @@ impl Facts {
             outcome: outcome as i32,
             request_id: self.request_id.clone(),
             trace_id: self.trace_id.clone(),
-            details_json: details.to_string(),
+            details_json: crewmesh_kit::clients::details_json(&details),
             ..Default::default()
         }
     }
 
-    fn details(&self, status: Option<StatusCode>, started: Option<Instant>) -> serde_json::Value {
-        let mut d = serde_json::json!({
-            "method": self.method.as_str(),
-            "path": self.path,
-        });
-        if let Some(p) = self.permission {
-            d["permission"] = p.as_str().into();
+    fn details(&self, status: Option<StatusCode>, started: Option<Instant>) -> Details<'_> {
+        Details {
+            duration_us: started
+                .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)),
+            method: self.method.as_str(),
+            path: &self.path,
+            permission: self.permission.map(Permission::as_str),
+            phase: None,
+            reason: None,
+            status: status.map(|s| s.as_u16()),
         }
-        if let Some(s) = status {
-            d["status"] = s.as_u16().into();
-        }
-        if let Some(t) = started {
-            d["duration_us"] = u64::try_from(t.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .into();
-        }
-        d
     }
+}
+
+/// The event's `details_json`, serialised straight from borrowed fields (fields in
+/// alphabetical order, absent ones left out).
+#[derive(serde::Serialize)]
+struct Details<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_us: Option<u64>,
+    method: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permission: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
 }
 
 /// What [`crate::authorize`] leaves on a response it refused, for [`record`]: the
@@ -215,7 +227,7 @@ pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Ne
     let event = if let Some(a) = resp.extensions().get::<Admitted>() {
         let outcome = match &a.refused {
             Some(reason) => {
-                details["reason"] = reason.as_str().into();
+                details.reason = Some(reason);
                 Outcome::Failure
             }
             None => outcome_of(status),
@@ -229,7 +241,7 @@ pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Ne
     } else if let Some(r) = resp.extensions().get::<Refused>() {
         // Refused by authentication, authorisation or limits: under the caller's
         // tenant when its credential was valid, else under the unauthenticated one.
-        details["reason"] = r.reason.as_str().into();
+        details.reason = Some(&r.reason);
         match &r.principal {
             Some(p) => facts.event(p.tenant.as_str(), &p.subject, Outcome::Denied, details),
             None => facts.event(UNAUTHENTICATED_TENANT, "", Outcome::Denied, details),
@@ -278,7 +290,7 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     if mode == AuditMode::FailClosed {
         let facts = Facts::of(&req);
         let mut details = facts.details(None, None);
-        details["phase"] = "intent".into();
+        details.phase = Some("intent");
         let event = facts.event(
             principal.tenant.as_str(),
             &principal.subject,

@@ -1,7 +1,7 @@
 //! Edge hardening of the HTTP API: CORS, security headers, header limits and request
 //! timeouts.
 //!
-//! One middleware ([`apply`]) does the per-request work with precomputed header values:
+//! One middleware ([`middleware`], state [`Edge`]) does the per-request work with precomputed header values:
 //! it refuses requests with too many or too large headers (`431`), bounds the time
 //! until the response headers (`504`; for a JSON answer that is the whole request,
 //! since its body is complete when its headers are), ends server-sent event streams
@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
@@ -237,9 +236,9 @@ pub fn cors(config: &HttpEdgeConfig) -> Option<CorsLayer> {
     )
 }
 
-/// What the edge middleware needs per request, computed once.
+/// What the edge middleware needs per request, computed once from the config.
 #[derive(Debug, Clone)]
-struct Edge {
+pub struct Edge {
     max_headers: usize,
     max_header_bytes: usize,
     request_timeout: Duration,
@@ -256,32 +255,24 @@ const CSP: HeaderValue = HeaderValue::from_static("default-src 'none'; frame-anc
 /// the stream's other error events).
 const IDLE_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the model stream was idle for longer than the gateway's stream idle timeout\",\"type\":\"api_error\",\"code\":\"timeout\"}}\n\n";
 
-/// Wraps `router` in the edge hardening of `config`: CORS (when origins are
-/// configured) inside the header-limit, timeout and security-header middleware.
-pub fn apply<S: Clone + Send + Sync + 'static>(
-    router: Router<S>,
-    config: &HttpEdgeConfig,
-) -> Router<S> {
-    let router = match cors(config) {
-        Some(c) => router.layer(c),
-        None => router,
-    };
-    let hsts = config.hsts_max_age.and_then(|age| {
-        let sub = if config.hsts_include_subdomains {
-            "; includeSubDomains"
-        } else {
-            ""
-        };
-        HeaderValue::from_str(&format!("max-age={}{sub}", age.as_secs())).ok()
-    });
-    let edge = Arc::new(Edge {
-        max_headers: config.max_headers,
-        max_header_bytes: config.max_header_bytes,
-        request_timeout: config.request_timeout,
-        stream_idle_timeout: config.stream_idle_timeout,
-        hsts,
-    });
-    router.layer(axum::middleware::from_fn_with_state(edge, edge_middleware))
+impl Edge {
+    pub fn new(config: &HttpEdgeConfig) -> Arc<Self> {
+        let hsts = config.hsts_max_age.and_then(|age| {
+            let sub = if config.hsts_include_subdomains {
+                "; includeSubDomains"
+            } else {
+                ""
+            };
+            HeaderValue::from_str(&format!("max-age={}{sub}", age.as_secs())).ok()
+        });
+        Arc::new(Self {
+            max_headers: config.max_headers,
+            max_header_bytes: config.max_header_bytes,
+            request_timeout: config.request_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
+            hsts,
+        })
+    }
 }
 
 fn headers_too_large(detail: String) -> Response {
@@ -294,7 +285,9 @@ fn headers_too_large(detail: String) -> Response {
     .into_response()
 }
 
-async fn edge_middleware(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
+/// The header limits, the request timeout, the stream idle timeout and the security
+/// headers (state: [`Edge::new`]). CORS ([`cors`]) goes inside it.
+pub async fn middleware(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let mut resp = if headers.len() > edge.max_headers {
         headers_too_large(format!(
@@ -376,6 +369,7 @@ fn with_idle_timeout(resp: Response, idle: Duration) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Router;
     use axum::routing::{get, post};
     use tower::ServiceExt;
 
@@ -405,7 +399,14 @@ mod tests {
                         .unwrap()
                 }),
             );
-        apply(router, config)
+        router.layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::middleware::from_fn_with_state(
+                    Edge::new(config),
+                    middleware,
+                ))
+                .option_layer(cors(config)),
+        )
     }
 
     async fn body_json(resp: Response) -> serde_json::Value {

@@ -449,30 +449,38 @@ pub fn api(state: AppState) -> Router {
         )
         .route("/v1/keys/{id}", axum::routing::delete(routes::keys::revoke))
         .route("/openapi.json", get(openapi::serve))
-        .fallback(fallback)
-        // After authorisation: who the caller is, and fail-closed audit tenants.
+        .fallback(fallback);
+    // One stack, wrapped around each route once: every `Router::layer` call would box
+    // the route again, and each box is cloned and allocated on every request.
+    // Outermost first.
+    let layers = tower::ServiceBuilder::new()
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Every response, refusals included, says which config it saw.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            audit_trail::admit,
+            routes::config::revision_header,
+        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn_with_state(
+            edge::Edge::new(&state.http),
+            edge::middleware,
+        ))
+        .option_layer(edge::cors(&state.http))
+        // Around authentication, so that refusals are audited too.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_trail::record,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
         ))
-        // Around authentication, so that refusals are audited too.
+        // After authorisation: who the caller is, and fail-closed audit tenants.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            audit_trail::record,
+            audit_trail::admit,
         ));
-    edge::apply(router, &state.http)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        // Outermost: every response, refusals included, says which config it saw.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            routes::config::revision_header,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+    router.layer(layers).with_state(state)
 }
 
 pub struct Application {

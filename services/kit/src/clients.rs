@@ -86,6 +86,7 @@ impl Peers {
     }
 
     /// The audit client of `service`, or `None` when no audit peer is configured.
+    /// Its delivery runs on [`crate::tasks::background`].
     /// It spools to `<state_dir>/spool/audit` when the service has a state directory
     /// (so nothing accepted is lost across an audit outage or a crash), and queues in
     /// memory otherwise.
@@ -98,6 +99,9 @@ impl Peers {
         if self.peers.audit.is_none() {
             return Ok(None);
         }
+        // The channel's tasks and the spool's sender start on the background runtime.
+        let background = crate::tasks::background();
+        let _entered = background.enter();
         let me = SpiffeId::new(&self.trust_domain, service.name())?;
         let client = self.audit()?;
         let audit = match &server.state_dir {
@@ -120,7 +124,8 @@ impl Peers {
 
     /// The usage client, or `None` when no metrics peer is configured. Like
     /// [`Peers::audit_client`], it spools to `<state_dir>/spool/usage` when the
-    /// service has a state directory, and queues in memory otherwise.
+    /// service has a state directory, and queues in memory otherwise. Its delivery runs
+    /// on [`crate::tasks::background`].
     pub fn usage_client(
         &self,
         server: &crate::settings::ServerConfig,
@@ -129,6 +134,9 @@ impl Peers {
         if self.peers.metrics.is_none() {
             return Ok(None);
         }
+        // The channel's tasks and the spool's sender start on the background runtime.
+        let background = crate::tasks::background();
+        let _entered = background.enter();
         let client = self.metrics()?;
         let usage = match &server.state_dir {
             Some(dir) => UsageClient::with_spool(
@@ -149,6 +157,15 @@ pub fn with_principal<T>(msg: T, principal: &Principal) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     principal.insert_into(req.metadata_mut());
     req
+}
+
+/// An audit event's `details_json` from a struct of borrowed fields: serialised
+/// straight into one buffer, without building a `serde_json::Value` first.
+pub fn details_json<T: serde::Serialize>(details: &T) -> String {
+    let mut out = Vec::with_capacity(256);
+    // A struct of strings, numbers and booleans always serialises.
+    let _ = serde_json::to_writer(&mut out, details);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Records audit events off the request path, in batches: through a bounded

@@ -12,3 +12,54 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+tokio::task_local! {
+    static BACKGROUND: tokio::runtime::Handle;
+}
+
+/// Runs `fut` (a service's `Application::build`) so that the delivery work it sets up
+/// off the request path — the audit and usage clients, their spools and the channels
+/// they send on — is spawned on `background` instead of the runtime serving requests.
+/// `crewmesh up` builds the data plane's services this way, with its bookkeeping
+/// runtime as `background`.
+pub async fn with_background<F: std::future::Future>(
+    background: tokio::runtime::Handle,
+    fut: F,
+) -> F::Output {
+    BACKGROUND.scope(background, fut).await
+}
+
+/// The runtime for work off every request's path: the one given to
+/// [`with_background`], else the current one.
+pub fn background() -> tokio::runtime::Handle {
+    BACKGROUND
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| tokio::runtime::Handle::current())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn background_work_runs_where_with_background_says_and_here_otherwise() {
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("background-runtime")
+            .enable_all()
+            .build()
+            .unwrap();
+        let on_background = with_background(other.handle().clone(), async {
+            background().spawn(async { thread_name() }).await.unwrap()
+        })
+        .await;
+        assert_eq!(on_background, "background-runtime");
+        let here = background().spawn(async { thread_name() }).await.unwrap();
+        assert_ne!(here, "background-runtime");
+        other.shutdown_background();
+    }
+}

@@ -106,8 +106,15 @@ pub fn init(
         EnvFilter::try_new(&config.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
     // The log filter applies to log output only: request spans always reach the
     // OpenTelemetry layer, so trace ids exist and propagate even with logs turned down.
+    // The per-call cost of a span matters on the model path: no busy/idle timing on
+    // every poll (enter/exit), no thread attributes, and no activation of the
+    // OpenTelemetry context on enter (nothing here reads the ambient context: the
+    // trace id and propagation read the span's own context).
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_context_activation(false)
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let logs = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -219,6 +219,34 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
+/// The `details_json` of a model call's audit event, serialised straight from borrowed
+/// fields (alphabetical order, absent fields left out).
+#[derive(Default, serde::Serialize)]
+struct CallDetails<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_hit: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deployment: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallbacks: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    simulated: Option<bool>,
+}
+
 impl Core {
     /// The deployments to try, in order: the alias's (by its strategy), then those of
     /// each fallback alias. The request's `fallback_models` replace the configured ones
@@ -472,22 +500,25 @@ impl Core {
                 ..Default::default()
             });
         }
-        let mut details = serde_json::Map::new();
-        if let Some((usage, call)) = usage {
-            details.insert("deployment".into(), call.deployment.clone().into());
-            details.insert("provider".into(), call.provider.clone().into());
-            details.insert("prompt_tokens".into(), usage.prompt_tokens.into());
-            details.insert("completion_tokens".into(), usage.completion_tokens.into());
-            details.insert("cost_usd".into(), call.cost_usd.into());
-            details.insert("latency_ms".into(), call.latency_ms.into());
-            details.insert("retries".into(), call.retries.into());
-            details.insert("fallbacks".into(), call.fallbacks.into());
-            details.insert("cache_hit".into(), call.cache_hit.into());
-            details.insert("simulated".into(), call.simulated.into());
-        }
-        if let Some(e) = error {
-            details.insert("error".into(), e.into());
-        }
+        let details = match usage {
+            Some((usage, call)) => CallDetails {
+                cache_hit: Some(call.cache_hit),
+                completion_tokens: Some(usage.completion_tokens),
+                cost_usd: Some(call.cost_usd),
+                deployment: Some(&call.deployment),
+                error,
+                fallbacks: Some(call.fallbacks),
+                latency_ms: Some(call.latency_ms),
+                prompt_tokens: Some(usage.prompt_tokens),
+                provider: Some(&call.provider),
+                retries: Some(call.retries),
+                simulated: Some(call.simulated),
+            },
+            None => CallDetails {
+                error,
+                ..CallDetails::default()
+            },
+        };
         self.recorder.audit(audit::EventInput {
             tenant: principal.tenant.to_string(),
             actor: Some(audit::Actor {
@@ -501,7 +532,7 @@ impl Core {
             }),
             outcome: outcome as i32,
             request_id: request_id.to_owned(),
-            details_json: serde_json::Value::Object(details).to_string(),
+            details_json: crewmesh_kit::clients::details_json(&details),
             ..Default::default()
         });
     }
