@@ -1,7 +1,7 @@
 //! Edge hardening of the HTTP API: CORS, security headers, header limits and request
 //! timeouts.
 //!
-//! One middleware ([`middleware`], state [`Edge`]) does the per-request work with precomputed header values:
+//! One middleware ([`middleware`], state [`Edge`]; [`apply`] wraps a router in it) does the per-request work with precomputed header values:
 //! it refuses requests with too many or too large headers (`431`), bounds the time
 //! until the response headers (`504`; for a JSON answer that is the whole request,
 //! since its body is complete when its headers are), ends server-sent event streams
@@ -285,6 +285,23 @@ fn headers_too_large(detail: String) -> Response {
     .into_response()
 }
 
+/// Wraps `router` in the edge hardening of `config` alone: CORS (when origins are
+/// configured) inside [`middleware`]. The gateway puts the same two layers into its
+/// one layer stack instead ([`crate::api`]).
+pub fn apply<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    config: &HttpEdgeConfig,
+) -> axum::Router<S> {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(
+                Edge::new(config),
+                middleware,
+            ))
+            .option_layer(cors(config)),
+    )
+}
+
 /// The header limits, the request timeout, the stream idle timeout and the security
 /// headers (state: [`Edge::new`]). CORS ([`cors`]) goes inside it.
 pub async fn middleware(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
@@ -369,7 +386,6 @@ fn with_idle_timeout(resp: Response, idle: Duration) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::Router;
     use axum::routing::{get, post};
     use tower::ServiceExt;
 
@@ -399,14 +415,7 @@ mod tests {
                         .unwrap()
                 }),
             );
-        router.layer(
-            tower::ServiceBuilder::new()
-                .layer(axum::middleware::from_fn_with_state(
-                    Edge::new(config),
-                    middleware,
-                ))
-                .option_layer(cors(config)),
-        )
+        apply(router, config)
     }
 
     async fn body_json(resp: Response) -> serde_json::Value {
