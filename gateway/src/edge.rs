@@ -386,6 +386,7 @@ fn with_idle_timeout(resp: Response, idle: Duration) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Router;
     use axum::routing::{get, post};
     use tower::ServiceExt;
 
