@@ -256,6 +256,16 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<Report> {
             measure(args, &url, Some(key), &upstream, "external").await
         }
         None => {
+            // The telemetry of `crewmesh up --log-level warn`: every request gets its
+            // spans and W3C trace id (which its audit events carry), and only warnings
+            // are logged, so the figures do not include writing an access log line.
+            let _telemetry = crewmesh_kit::telemetry::init(
+                "crewmesh",
+                &crewmesh_kit::telemetry::TelemetryConfig {
+                    log_level: "warn".to_owned(),
+                    ..Default::default()
+                },
+            );
             let dir = scratch_dir()?;
             let mesh = up::start(UpOptions {
                 data_plane_threads: usize::from(args.data_plane_threads),

@@ -4,7 +4,8 @@
 //!   SPIFFE-style identities, mTLS incoming connections and outgoing channels.
 //! - [`mesh`], [`authz`], [`principal`]: who may call which RPC, and on whose behalf.
 //! - [`server`], [`admin`], [`observe`], [`telemetry`]: server bootstrap with health,
-//!   reflection, admin probes, Prometheus metrics, JSON logs and OpenTelemetry traces.
+//!   reflection, admin probes, Prometheus metrics, JSON logs and OpenTelemetry traces
+//!   ([`trace_context`]: W3C trace ids on spans when no exporter is configured).
 //! - [`settings`]: config files plus `CREWMESH_` environment, strictly validated.
 //! - [`clients`], [`batch`], [`config_cache`]: typed clients to the other services,
 //!   asynchronous audit and usage clients, and the watched config snapshot.
@@ -33,6 +34,7 @@ pub mod status;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 pub mod transport;
 
 pub use crewmesh_proto as proto;

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use futures::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, Request};
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider as _};
 use serde::Deserialize;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -17,6 +17,11 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::trace_context::{self, TraceContext, TraceContextLayer};
+
+/// The W3C trace context header.
+const TRACEPARENT: &str = "traceparent";
 
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -96,26 +101,31 @@ pub fn init(
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
         builder = builder.with_batch_exporter(exporter);
     }
-    // Without an exporter spans are still created, so trace ids exist for logs and
-    // for propagation to other services.
     let provider = builder.build();
     let tracer = provider.tracer("crewmesh");
     opentelemetry::global::set_tracer_provider(provider.clone());
 
     let filter =
         EnvFilter::try_new(&config.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    // The log filter applies to log output only: request spans always reach the
-    // OpenTelemetry layer, so trace ids exist and propagate even with logs turned down.
-    // The per-call cost of a span matters on the model path: no busy/idle timing on
-    // every poll (enter/exit), no thread attributes, and no activation of the
-    // OpenTelemetry context on enter (nothing here reads the ambient context: the
-    // trace id and propagation read the span's own context).
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_context_activation(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    // The log filter applies to log output only: request spans always get trace
+    // context, so trace ids exist and propagate even with logs turned down. Only an
+    // exporter needs OpenTelemetry spans; without one, spans carry just their W3C ids
+    // (see `trace_context`).
+    let spans = tracing_subscriber::filter::LevelFilter::INFO;
+    let (otel, ids) = if config.otlp_endpoint.is_some() {
+        // The per-call cost of a span matters on the model path: no busy/idle timing
+        // on every poll, no thread attributes, and no activation of the OpenTelemetry
+        // context on enter (the trace id and propagation read the span's own context).
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_context_activation(false)
+            .with_filter(spans);
+        (Some(otel), None)
+    } else {
+        (None, Some(TraceContextLayer.with_filter(spans)))
+    };
     let logs = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -130,6 +140,7 @@ pub fn init(
     };
     let result = tracing_subscriber::registry()
         .with(otel)
+        .with(ids)
         .with(logs.with_filter(filter))
         .try_init();
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;
@@ -168,12 +179,27 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
         // No subscriber records it (tracing off): nothing to link or to show.
         return;
     }
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
-    let trace_id = span.context().span().span_context().trace_id();
+    let trace_id = if let Some(own) = trace_context::of(span) {
+        match headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse)
+        {
+            Some(remote) => {
+                trace_context::adopt(span, remote);
+                TraceId::from(remote.trace_id)
+            }
+            None => TraceId::from(own.trace_id),
+        }
+    } else {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(headers))
+        });
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
+        span.context().span().span_context().trace_id()
+    };
     span.record("trace_id", tracing::field::display(trace_id));
 }
 
@@ -181,7 +207,10 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
 pub fn current_trace_id() -> String {
     let span = tracing::Span::current();
     if span.is_disabled() {
-        return opentelemetry::trace::TraceId::INVALID.to_string();
+        return TraceId::INVALID.to_string();
+    }
+    if let Some(cx) = trace_context::of(&span) {
+        return cx.trace_id_hex();
     }
     span.context().span().span_context().trace_id().to_string()
 }
@@ -190,6 +219,12 @@ pub fn current_trace_id() -> String {
 pub fn inject_current(headers: &mut HeaderMap) {
     let span = tracing::Span::current();
     if span.is_disabled() {
+        return;
+    }
+    if let Some(cx) = trace_context::of(&span) {
+        if let Ok(v) = http::HeaderValue::from_str(&cx.traceparent()) {
+            headers.insert(TRACEPARENT, v);
+        }
         return;
     }
     let cx = span.context();
