@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        .codec_path("crate::codec::MeshCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -15,6 +15,8 @@ pub use tonic;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/crewmesh_descriptor.bin"));
 
+pub mod codec;
+
 /// Shared messages (`crewmesh.types.v1`).
 pub mod types {
     pub mod v1 {
