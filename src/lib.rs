@@ -5,6 +5,12 @@
 
 #![forbid(unsafe_code)]
 
+/// The allocator of every crewmesh process (and of the benchmarks and tests that
+/// link this library): with mimalloc the data plane spent about 6 % less CPU time per
+/// model call than with the system allocator, side by side (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod bench;
 pub mod file_config;
 pub mod state;
