@@ -228,6 +228,11 @@ impl HttpMetrics {
     }
 }
 
+/// The request id [`observe`] chose for a request (also in its `x-request-id`
+/// header), for handlers: `Extension(RequestId(id))`.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
 /// The request id of a request: the client's `x-request-id` when it is sane, else a
 /// fresh one.
 pub fn request_id(headers: &HeaderMap) -> String {
@@ -246,6 +251,7 @@ async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: 
     if let Ok(v) = id.parse() {
         req.headers_mut().insert("x-request-id", v);
     }
+    req.extensions_mut().insert(RequestId(id.clone()));
     let route = req
         .extensions()
         .get::<MatchedPath>()

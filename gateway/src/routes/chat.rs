@@ -1,25 +1,25 @@
 //! `POST /v1/chat/completions` and `GET /v1/models`: the OpenAI-compatible surface.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::with_principal;
 use crewmesh_openai::{ChatRequest, request_to_proto, response_from_proto};
 use crewmesh_proto::router::v1 as pb;
 
-use crate::AppState;
 use crate::extract::{Authed, JsonBody};
 use crate::problem::Problem;
+use crate::{AppState, RequestId};
 
 pub async fn completions(
     State(state): State<AppState>,
     Authed(principal): Authed,
-    headers: HeaderMap,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     JsonBody(body): JsonBody<ChatRequest>,
 ) -> Result<Response, Problem> {
     let mut req = request_to_proto(&body).map_err(|e| Problem::bad_request(e.to_string()))?;
-    req.request_id = crate::request_id(&headers);
+    req.request_id = request_id;
     if body.stream == Some(true) {
         let include_usage = super::stream::include_usage(body.stream_options.as_ref());
         return super::stream::completions(&state, &principal, req, include_usage).await;

@@ -289,6 +289,10 @@ impl ProviderClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
+            // A provider API answers, it does not redirect: a 3xx is reported as the
+            // upstream's error rather than followed (with the request's credentials)
+            // to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("crewmesh-router/", env!("CARGO_PKG_VERSION")))
             .build()?;
         clients.insert(connect_timeout, http.clone());
@@ -483,6 +487,58 @@ mod tests {
             UpstreamError::Timeout(TimeoutKind::FirstByte, Duration::from_secs(1)).is_retryable()
         );
         assert!(!UpstreamError::Malformed("x".into()).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_the_upstreams_error_and_is_not_followed() {
+        let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hit = followed.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(|| async {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [(axum::http::header::LOCATION, "/elsewhere")],
+                    )
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::post(move || async move {
+                    hit.store(true, std::sync::atomic::Ordering::SeqCst);
+                    "followed"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let defaults = DefaultTimeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(5),
+            total: Duration::from_secs(5),
+        };
+        let client = ProviderClient::new(defaults).unwrap();
+        let provider = Provider {
+            name: "redirecting".into(),
+            kind: "openai".into(),
+            base_url: format!("http://{addr}/v1"),
+            endpoint: reqwest::Url::parse(&format!("http://{addr}/v1/chat/completions"))
+                .map_err(|e| e.to_string()),
+            api_key: None,
+            timeouts: Default::default(),
+        };
+        let t = defaults.for_attempt(&provider, None);
+        let err = client
+            .send(&provider, Wire::OpenAi, b"{}".to_vec(), t)
+            .await
+            .err()
+            .expect("a redirect is an error");
+        assert!(
+            matches!(err, UpstreamError::Status { status: 307, .. }),
+            "{err:?}"
+        );
+        assert!(!followed.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
