@@ -532,8 +532,7 @@ mod tests {
         let err = client
             .send(&provider, Wire::OpenAi, b"{}".to_vec(), t)
             .await
-            .err()
-            .expect("a redirect is an error");
+            .expect_err("a redirect is an error");
         assert!(
             matches!(err, UpstreamError::Status { status: 307, .. }),
             "{err:?}"
