@@ -196,7 +196,16 @@ impl Etcd {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start etcd");
-        watchdog(c.id(), "");
+        // The shared etcd lives in a static, which is never dropped: once the test
+        // process is gone, the watchdog removes its data directory too.
+        let pid = c.id();
+        watchdog(
+            pid,
+            &format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 0.1; done; rm -rf '{}'",
+                dir.display()
+            ),
+        );
         *child = Some(c);
         wait_for_port(self.client_port, "etcd", Duration::from_secs(20));
     }
