@@ -491,6 +491,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_redirect_is_the_upstreams_error_and_is_not_followed() {
+        crewmesh_testkit::init_crypto();
         let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hit = followed.clone();
         let app = axum::Router::new()
