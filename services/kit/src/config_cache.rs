@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use crate::admin::Readiness;
 use crate::clients::MeshChannel;
 use crate::observe::MetricsRegistry;
+use crate::tasks::AbortOnDrop;
 
 /// Key of a document: (kind, tenant or `_global`, name).
 pub type DocKey = (i32, String, String);
@@ -58,11 +59,13 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 const READY_CHECK: &str = "config";
 
-/// Handle to the cache; cheap to clone.
+/// Handle to the cache; cheap to clone. The watch runs while a handle lives: dropping
+/// the last one stops it (receivers from [`ConfigCache::subscribe`] then see the end).
 #[derive(Clone)]
 pub struct ConfigCache {
     rx: watch::Receiver<Arc<Snapshot>>,
     sync: Arc<Mutex<SyncState>>,
+    _tasks: Arc<[AbortOnDrop; 2]>,
 }
 
 /// When the cache last knew it was current.
@@ -110,14 +113,20 @@ impl ConfigCache {
             revision,
             readiness: readiness.clone(),
         };
-        tokio::spawn(watcher.run());
-        tokio::spawn(report_staleness(
-            rx.clone(),
-            sync.clone(),
-            staleness,
-            readiness,
-        ));
-        Self { rx, sync }
+        let tasks = [
+            AbortOnDrop(tokio::spawn(watcher.run())),
+            AbortOnDrop(tokio::spawn(report_staleness(
+                rx.clone(),
+                sync.clone(),
+                staleness,
+                readiness,
+            ))),
+        ];
+        Self {
+            rx,
+            sync,
+            _tasks: Arc::new(tasks),
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -349,6 +358,35 @@ async fn report_staleness(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_watch_stops_with_the_last_handle() {
+        // Nothing listens there: the watcher keeps retrying until it is stopped.
+        let channel = crate::telemetry::InjectTrace::new(
+            tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy(),
+        );
+        let cache = ConfigCache::spawn(
+            ConfigServiceClient::new(channel),
+            vec![Kind::Flag],
+            Duration::from_millis(10),
+            Readiness::new(),
+            &MetricsRegistry::new(),
+        );
+        let mut rx = cache.subscribe();
+        let other = cache.clone();
+        drop(cache);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), rx.changed())
+                .await
+                .is_err(),
+            "the watch runs while a handle lives"
+        );
+        drop(other);
+        let ended = tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the watch ends when the last handle is dropped");
+        assert!(ended.is_err());
+    }
 
     fn doc(kind: Kind, name: &str, version: i64) -> Document {
         Document {

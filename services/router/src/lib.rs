@@ -95,6 +95,8 @@ pub struct Application {
     usage: Option<UsageClient>,
     audit: Option<AuditClient>,
     membership: Option<crewmesh_kit::membership::Membership>,
+    /// The config watch runs as long as this handle lives.
+    _config: ConfigCache,
     _tls_reloader: crewmesh_kit::tasks::AbortOnDrop,
 }
 
@@ -179,6 +181,7 @@ impl Application {
             usage,
             audit,
             membership,
+            _config: cache,
             _tls_reloader: tls_reloader,
         })
     }
