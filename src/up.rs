@@ -143,9 +143,18 @@ type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
 ///   writes and usage rollups use what the data plane leaves and do not delay a model
 ///   call's turn on the CPU.
 ///
+/// The data plane's services deliver their audit events and usage records from the
+/// bookkeeping runtime ([`ServiceRuntime::delivering_on`]): of each record, only its
+/// spool write stays on a request's path.
+///
 /// The mesh itself is unchanged: every service still listens on its own port and
 /// every call between services goes over mTLS.
-pub struct ServiceRuntime(Option<tokio::runtime::Runtime>);
+pub struct ServiceRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Where the services built here spawn their delivery work (see
+    /// `crewmesh_kit::tasks::background`); `None`: this runtime.
+    background: Option<tokio::runtime::Handle>,
+}
 
 /// The `nice` value of the bookkeeping runtime's threads.
 const BOOKKEEPING_NICE: i32 = 10;
@@ -162,25 +171,39 @@ impl ServiceRuntime {
             .enable_all()
             .build()
             .with_context(|| format!("starting the {name} runtime"))?;
-        Ok(Self(Some(runtime)))
+        Ok(Self {
+            runtime: Some(runtime),
+            background: None,
+        })
+    }
+
+    /// Services built on this runtime spawn their audit and usage delivery on `other`.
+    fn delivering_on(mut self, other: &ServiceRuntime) -> Self {
+        self.background = Some(other.handle().clone());
+        self
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
-        self.0
+        self.runtime
             .as_ref()
             .expect("the runtime lives until drop")
             .handle()
     }
 
-    /// Runs `fut` on this runtime (so what it binds and spawns lives there) and
-    /// waits for its output.
+    /// Runs `fut` (a service's `build`) on this runtime, so that what it binds and
+    /// spawns lives there (its delivery work on the background runtime), and waits
+    /// for its output.
     async fn run<F>(&self, fut: F) -> anyhow::Result<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let background = self
+            .background
+            .clone()
+            .unwrap_or_else(|| self.handle().clone());
         self.handle()
-            .spawn(fut)
+            .spawn(crewmesh_kit::tasks::with_background(background, fut))
             .await
             .context("a service runtime task failed")
     }
@@ -204,7 +227,7 @@ impl ServiceRuntime {
 
 impl Drop for ServiceRuntime {
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             // Dropped from async code: do not block on the remaining tasks.
             runtime.shutdown_background();
         }
@@ -341,8 +364,9 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     }
 
     // The simulated model upstream (plain HTTP on loopback, labelled simulated).
-    let data_plane = ServiceRuntime::new("crewmesh-data-plane", Some(opts.data_plane_threads), 0)?;
     let bookkeeping = ServiceRuntime::new("crewmesh-bookkeeping", None, BOOKKEEPING_NICE)?;
+    let data_plane = ServiceRuntime::new("crewmesh-data-plane", Some(opts.data_plane_threads), 0)?
+        .delivering_on(&bookkeeping);
     let sim = data_plane
         .run(crewmesh_simulated_upstream::SimulatedUpstream::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -419,18 +443,13 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
         .context("starting the metrics service")?;
     launch!(Service::Metrics, metrics_svc, bookkeeping);
 
-    // The data plane's services deliver their audit events and usage records from the
-    // bookkeeping runtime: only the spool write stays on a request's path.
     let router = data_plane
-        .run(crewmesh_kit::tasks::with_background(
-            bookkeeping.handle().clone(),
-            crewmesh_router::Application::build(
-                crewmesh_router::RouterConfig {
-                    refresh_interval: opts.refresh_interval,
-                    ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
-                },
-                metrics.clone(),
-            ),
+        .run(crewmesh_router::Application::build(
+            crewmesh_router::RouterConfig {
+                refresh_interval: opts.refresh_interval,
+                ..crewmesh_router::RouterConfig::new(common(Service::Router, peers.clone()))
+            },
+            metrics.clone(),
         ))
         .await?
         .context("starting the router")?;
@@ -449,29 +468,26 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     launch!(Service::AgentRuntime, agents, bookkeeping);
 
     let gateway = data_plane
-        .run(crewmesh_kit::tasks::with_background(
-            bookkeeping.handle().clone(),
-            crewmesh_gateway::Application::build(
-                crewmesh_gateway::GatewayConfig {
-                    common: CommonConfig {
-                        server: ServerConfig {
-                            grpc_addr: None,
-                            // The gateway's audit spool, like every service's.
-                            state_dir: Some(data_dir.join("state").join("gateway")),
-                            ..ServerConfig::loopback()
-                        },
-                        ..common(Service::Gateway, peers.clone())
+        .run(crewmesh_gateway::Application::build(
+            crewmesh_gateway::GatewayConfig {
+                common: CommonConfig {
+                    server: ServerConfig {
+                        grpc_addr: None,
+                        // The gateway's audit spool, like every service's.
+                        state_dir: Some(data_dir.join("state").join("gateway")),
+                        ..ServerConfig::loopback()
                     },
-                    http_addr: opts.gateway_addr,
-                    bootstrap_api_key: Some(key.clone()),
-                    upstream_timeout: Duration::from_secs(120),
-                    edge: crewmesh_gateway::EdgeConfig {
-                        config_refresh: opts.refresh_interval,
-                        ..Default::default()
-                    },
+                    ..common(Service::Gateway, peers.clone())
                 },
-                metrics.clone(),
-            ),
+                http_addr: opts.gateway_addr,
+                bootstrap_api_key: Some(key.clone()),
+                upstream_timeout: Duration::from_secs(120),
+                edge: crewmesh_gateway::EdgeConfig {
+                    config_refresh: opts.refresh_interval,
+                    ..Default::default()
+                },
+            },
+            metrics.clone(),
         ))
         .await?
         .with_context(|| format!("starting the gateway on {}", opts.gateway_addr))?;
@@ -606,5 +622,34 @@ mod tests {
                 .unwrap();
             assert_eq!(name.as_deref(), Some("test-runtime"));
         }
+    }
+
+    #[tokio::test]
+    async fn what_a_service_built_on_the_data_plane_delivers_runs_on_the_bookkeeping_runtime() {
+        let bookkeeping = ServiceRuntime::new("test-bookkeeping", Some(1), 0).unwrap();
+        let data_plane = ServiceRuntime::new("test-data-plane", Some(1), 0)
+            .unwrap()
+            .delivering_on(&bookkeeping);
+        let thread = || std::thread::current().name().map(str::to_owned);
+        let (built_on, delivering_on) = data_plane
+            .run(async move {
+                let delivery = crewmesh_kit::tasks::background().spawn(async move { thread() });
+                (thread(), delivery.await.unwrap())
+            })
+            .await
+            .unwrap();
+        assert_eq!(built_on.as_deref(), Some("test-data-plane"));
+        assert_eq!(delivering_on.as_deref(), Some("test-bookkeeping"));
+        // Without `delivering_on`, a runtime delivers on itself.
+        let delivering_on = bookkeeping
+            .run(async move {
+                crewmesh_kit::tasks::background()
+                    .spawn(async move { thread() })
+                    .await
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+        assert_eq!(delivering_on.as_deref(), Some("test-bookkeeping"));
     }
 }

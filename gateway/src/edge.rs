@@ -1,7 +1,8 @@
 //! Edge hardening of the HTTP API: CORS, security headers, header limits and request
 //! timeouts.
 //!
-//! One middleware ([`middleware`], state [`Edge`]; [`apply`] wraps a router in it) does the per-request work with precomputed header values:
+//! One middleware ([`middleware`], its state [`Edge`]; [`apply`] wraps a router in it)
+//! does the per-request work with precomputed header values:
 //! it refuses requests with too many or too large headers (`431`), bounds the time
 //! until the response headers (`504`; for a JSON answer that is the whole request,
 //! since its body is complete when its headers are), ends server-sent event streams

@@ -235,7 +235,7 @@ pub struct RequestId(pub String);
 
 /// The request id of a request: the client's `x-request-id` when it is sane, else a
 /// fresh one.
-pub fn request_id(headers: &HeaderMap) -> String {
+fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())

@@ -198,6 +198,24 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
     (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// The audit events with `action` that `key` may read (those of its tenant).
+async fn events_as(mesh: &TestMesh, key: &str, action: &str) -> serde_json::Value {
+    let url = mesh.url(&format!("/v1/audit/events?action={action}"));
+    send(mesh.http.get(url).bearer_auth(key)).await.1
+}
+
+/// The records of request `request_id` among `events` (`None`: no event list).
+fn records_of(events: &serde_json::Value, request_id: &str) -> Option<Vec<serde_json::Value>> {
+    let records = events["data"].as_array()?;
+    Some(
+        records
+            .iter()
+            .filter(|e| e["request_id"] == request_id)
+            .cloned()
+            .collect(),
+    )
+}
+
 fn chat_as(mesh: &TestMesh, key: &str, request_id: &str) -> reqwest::RequestBuilder {
     mesh.http
         .post(mesh.url("/v1/chat/completions"))
@@ -419,9 +437,9 @@ fn chat_at(http: &reqwest::Client, gateway: &str, key: &str) -> reqwest::Request
 /// Waits until `gateway` applies the `fail_closed` audit mode of `key`'s tenant. A key
 /// created through a gateway is known to it at once, while tenant documents written
 /// to the config service reach it through the config watch, so a known key does not
-/// mean that the mode applies yet. Each probe is a `GET /v1/models` (no model call): once a probe
-/// leaves an intent record besides its outcome record in the trail, the mode applies
-/// (a spooled intent is delivered before the outcome recorded after it).
+/// mean that the mode applies yet. Each probe is a `GET /v1/models` (no model call):
+/// once a probe leaves an intent record besides its outcome record in the trail, the
+/// mode applies (a spooled intent is delivered before the outcome recorded after it).
 async fn wait_until_fail_closed(mesh: &TestMesh, gateway: &str, key: &str, probe: &str) {
     let mut n = 0;
     eventually(
@@ -445,18 +463,8 @@ async fn wait_until_fail_closed(mesh: &TestMesh, gateway: &str, key: &str, probe
                     "the probe's outcome record",
                     Duration::from_secs(10),
                     || async {
-                        let (_, events) = send(
-                            mesh.http
-                                .get(mesh.url("/v1/audit/events?action=http.models.read"))
-                                .bearer_auth(key),
-                        )
-                        .await;
-                        let mine: Vec<serde_json::Value> = events["data"]
-                            .as_array()?
-                            .iter()
-                            .filter(|e| e["request_id"] == id.as_str())
-                            .cloned()
-                            .collect();
+                        let events = events_as(mesh, key, "http.models.read").await;
+                        let mine = records_of(&events, &id)?;
                         mine.iter()
                             .any(|e| e["details"]["phase"] != "intent")
                             .then_some(mine)
@@ -514,18 +522,8 @@ async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_
     let (s, v) = send(chat_at(&mesh.http, &gateway, &globex)).await;
     assert_eq!(s, 200, "{v}");
     let events = eventually("acme's two records", Duration::from_secs(10), || async {
-        let (_, events) = send(
-            mesh.http
-                .get(mesh.url("/v1/audit/events?action=http.models.invoke"))
-                .bearer_auth(&acme),
-        )
-        .await;
-        let mine: Vec<serde_json::Value> = events["data"]
-            .as_array()?
-            .iter()
-            .filter(|e| e["request_id"] == "req-acme-1")
-            .cloned()
-            .collect();
+        let events = events_as(&mesh, &acme, "http.models.invoke").await;
+        let mine = records_of(&events, "req-acme-1")?;
         (mine.len() == 2).then_some(mine)
     })
     .await;
@@ -579,12 +577,7 @@ async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_
         "acme's second model call",
         Duration::from_secs(10),
         || async {
-            let (_, events) = send(
-                mesh.http
-                    .get(mesh.url("/v1/audit/events?action=model.complete"))
-                    .bearer_auth(&acme),
-            )
-            .await;
+            let events = events_as(&mesh, &acme, "model.complete").await;
             let n = events["data"].as_array()?.len();
             assert!(n <= 2, "{events}");
             (n == 2).then_some(())
@@ -609,12 +602,7 @@ async fn fail_closed_tenants_are_refused_when_their_audit_record_cannot_be_made_
     .await;
     assert_eq!(s, 200, "{v}");
     let _ = stop.send(());
-    let (_, events) = send(
-        mesh.http
-            .get(mesh.url("/v1/audit/events?action=http.models.invoke"))
-            .bearer_auth(&acme),
-    )
-    .await;
+    let events = events_as(&mesh, &acme, "http.models.invoke").await;
     assert!(
         events["data"]
             .as_array()

@@ -86,7 +86,7 @@ impl Peers {
     }
 
     /// The audit client of `service`, or `None` when no audit peer is configured.
-    /// Its delivery runs on [`crate::tasks::background`].
+    /// Its channel and its delivery start on [`crate::tasks::background`].
     /// It spools to `<state_dir>/spool/audit` when the service has a state directory
     /// (so nothing accepted is lost across an audit outage or a crash), and queues in
     /// memory otherwise.
@@ -99,23 +99,22 @@ impl Peers {
         if self.peers.audit.is_none() {
             return Ok(None);
         }
-        // The channel's tasks and the spool's sender start on the background runtime.
-        let background = crate::tasks::background();
-        let _entered = background.enter();
         let me = SpiffeId::new(&self.trust_domain, service.name())?;
-        let client = self.audit()?;
-        let audit = match &server.state_dir {
-            Some(dir) => AuditClient::with_spool(
-                client,
-                me,
-                BatchConfig::default(),
-                SpoolConfig::new(dir.join("spool").join("audit")),
-                Some(metrics),
-            )
-            .map_err(PeerError::Spool)?,
-            None => AuditClient::new(client, me, BatchConfig::default()),
-        };
-        Ok(Some(audit))
+        crate::tasks::on_background(|| {
+            let client = self.audit()?;
+            let audit = match &server.state_dir {
+                Some(dir) => AuditClient::with_spool(
+                    client,
+                    me,
+                    BatchConfig::default(),
+                    SpoolConfig::new(dir.join("spool").join("audit")),
+                    Some(metrics),
+                )
+                .map_err(PeerError::Spool)?,
+                None => AuditClient::new(client, me, BatchConfig::default()),
+            };
+            Ok(Some(audit))
+        })
     }
 
     pub fn metrics(&self) -> Result<MetricsServiceClient<MeshChannel>, PeerError> {
@@ -124,8 +123,8 @@ impl Peers {
 
     /// The usage client, or `None` when no metrics peer is configured. Like
     /// [`Peers::audit_client`], it spools to `<state_dir>/spool/usage` when the
-    /// service has a state directory, and queues in memory otherwise. Its delivery runs
-    /// on [`crate::tasks::background`].
+    /// service has a state directory, and queues in memory otherwise. Its channel and its
+    /// delivery start on [`crate::tasks::background`].
     pub fn usage_client(
         &self,
         server: &crate::settings::ServerConfig,
@@ -134,21 +133,20 @@ impl Peers {
         if self.peers.metrics.is_none() {
             return Ok(None);
         }
-        // The channel's tasks and the spool's sender start on the background runtime.
-        let background = crate::tasks::background();
-        let _entered = background.enter();
-        let client = self.metrics()?;
-        let usage = match &server.state_dir {
-            Some(dir) => UsageClient::with_spool(
-                client,
-                BatchConfig::default(),
-                SpoolConfig::new(dir.join("spool").join("usage")),
-                Some(metrics),
-            )
-            .map_err(PeerError::UsageSpool)?,
-            None => UsageClient::new(client, BatchConfig::default()),
-        };
-        Ok(Some(usage))
+        crate::tasks::on_background(|| {
+            let client = self.metrics()?;
+            let usage = match &server.state_dir {
+                Some(dir) => UsageClient::with_spool(
+                    client,
+                    BatchConfig::default(),
+                    SpoolConfig::new(dir.join("spool").join("usage")),
+                    Some(metrics),
+                )
+                .map_err(PeerError::UsageSpool)?,
+                None => UsageClient::new(client, BatchConfig::default()),
+            };
+            Ok(Some(usage))
+        })
     }
 }
 

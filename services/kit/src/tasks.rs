@@ -37,6 +37,14 @@ pub fn background() -> tokio::runtime::Handle {
         .unwrap_or_else(|_| tokio::runtime::Handle::current())
 }
 
+/// Runs `f` with [`background`] as the current runtime, so that the tasks it spawns
+/// (a channel's connection, a spool's sender) start there.
+pub fn on_background<R>(f: impl FnOnce() -> R) -> R {
+    let background = background();
+    let _entered = background.enter();
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,11 +61,15 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let on_background = with_background(other.handle().clone(), async {
-            background().spawn(async { thread_name() }).await.unwrap()
+        let (via_handle, spawned) = with_background(other.handle().clone(), async {
+            let handle = background().spawn(async { thread_name() });
+            // What `on_background` runs spawns there with plain `tokio::spawn`.
+            let spawned = on_background(|| tokio::spawn(async { thread_name() }));
+            (handle.await.unwrap(), spawned.await.unwrap())
         })
         .await;
-        assert_eq!(on_background, "background-runtime");
+        assert_eq!(via_handle, "background-runtime");
+        assert_eq!(spawned, "background-runtime");
         let here = background().spawn(async { thread_name() }).await.unwrap();
         assert_ne!(here, "background-runtime");
         other.shutdown_background();

@@ -58,14 +58,17 @@ impl Default for TelemetryConfig {
     }
 }
 
-/// Keeps the tracer provider alive; flushes pending spans when dropped.
+/// Keeps the tracer provider (when spans are exported) alive; flushes pending spans
+/// when dropped.
 pub struct TelemetryGuard {
-    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        let _ = self.provider.shutdown();
+        if let Some(provider) = &self.provider {
+            let _ = provider.shutdown();
+        }
     }
 }
 
@@ -87,24 +90,6 @@ pub fn init(
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name.to_owned())
-        .build();
-    let mut builder =
-        opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(resource);
-    if let Some(endpoint) = &config.otlp_endpoint {
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-        builder = builder.with_batch_exporter(exporter);
-    }
-    let provider = builder.build();
-    let tracer = provider.tracer("crewmesh");
-    opentelemetry::global::set_tracer_provider(provider.clone());
-
     let filter =
         EnvFilter::try_new(&config.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
     // The log filter applies to log output only: request spans always get trace
@@ -112,19 +97,36 @@ pub fn init(
     // exporter needs OpenTelemetry spans; without one, spans carry just their W3C ids
     // (see `trace_context`).
     let spans = tracing_subscriber::filter::LevelFilter::INFO;
-    let (otel, ids) = if config.otlp_endpoint.is_some() {
-        // The per-call cost of a span matters on the model path: no busy/idle timing
-        // on every poll, no thread attributes, and no activation of the OpenTelemetry
-        // context on enter (the trace id and propagation read the span's own context).
-        let otel = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_context_activation(false)
-            .with_filter(spans);
-        (Some(otel), None)
-    } else {
-        (None, Some(TraceContextLayer.with_filter(spans)))
+    let (provider, otel, ids) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service_name.to_owned())
+                        .build(),
+                )
+                .with_batch_exporter(exporter)
+                .build();
+            opentelemetry::global::set_tracer_provider(provider.clone());
+            // The per-call cost of a span matters on the model path: no busy/idle
+            // timing on every poll, no thread attributes, and no activation of the
+            // OpenTelemetry context on enter (the trace id and propagation read the
+            // span's own context).
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("crewmesh"))
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_context_activation(false)
+                .with_filter(spans);
+            (Some(provider), Some(otel), None)
+        }
+        None => (None, None, Some(TraceContextLayer.with_filter(spans))),
     };
     let logs = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -378,7 +378,7 @@ fn build_deployments(
 }
 
 /// The URL of a provider's chat endpoint: `base_url` and the path of its API.
-fn endpoint(kind: &str, base_url: &str) -> Result<reqwest::Url, String> {
+pub(crate) fn endpoint(kind: &str, base_url: &str) -> Result<reqwest::Url, String> {
     let wire = Wire::of(kind).ok_or_else(|| format!("unsupported provider type `{kind}`"))?;
     reqwest::Url::parse(&format!("{base_url}/{}", wire.path()))
         .map_err(|e| format!("invalid base_url `{base_url}`: {e}"))

@@ -524,8 +524,7 @@ mod tests {
             name: "redirecting".into(),
             kind: "openai".into(),
             base_url: format!("http://{addr}/v1"),
-            endpoint: reqwest::Url::parse(&format!("http://{addr}/v1/chat/completions"))
-                .map_err(|e| e.to_string()),
+            endpoint: crate::catalog::endpoint("openai", &format!("http://{addr}/v1")),
             api_key: None,
             timeouts: Default::default(),
         };
