@@ -19,6 +19,8 @@ use crate::identity::{PeerInfo, SpiffeId, spiffe_id_from_cert};
 use crate::tls::MeshTls;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialing a peer's TCP port may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An accepted connection whose TLS handshake succeeded with a client certificate
 /// from the mesh CA.
@@ -156,7 +158,10 @@ pub async fn connect_mtls(
         .rsplit_once(':')
         .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
         .ok_or_else(|| ConnectError::Address(addr.to_owned()))?;
-    let tcp = TcpStream::connect(addr).await.map_err(io_err)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io_err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+        .map_err(io_err)?;
     let _ = tcp.set_nodelay(true);
     // The name only feeds SNI; the verifier checks the chain and we check the SPIFFE id.
     let server_name =
@@ -194,7 +199,8 @@ pub async fn connect_mtls(
 pub fn mesh_channel(addr: &str, expected: SpiffeId, tls: MeshTls) -> Result<Channel, ConnectError> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ConnectError::Address(addr.to_owned()))?
-        .connect_timeout(Duration::from_secs(5))
+        // No `connect_timeout` here: tonic would then wrap every connection's reads and
+        // writes in a timeout adapter for good. `connect_mtls` bounds the dial instead.
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))

@@ -226,7 +226,7 @@ pub struct Provider {
     pub base_url: String,
     /// The URL model calls are sent to (`base_url` + the API's path for `kind`), parsed
     /// once per catalog; the reason when it does not parse or `kind` is unknown.
-    pub endpoint: Result<reqwest::Url, String>,
+    pub endpoint: Result<http::Uri, String>,
     pub api_key: Option<Secret>,
     pub timeouts: Timeouts,
 }
@@ -378,10 +378,23 @@ fn build_deployments(
 }
 
 /// The URL of a provider's chat endpoint: `base_url` and the path of its API.
-pub(crate) fn endpoint(kind: &str, base_url: &str) -> Result<reqwest::Url, String> {
+pub(crate) fn endpoint(kind: &str, base_url: &str) -> Result<http::Uri, String> {
     let wire = Wire::of(kind).ok_or_else(|| format!("unsupported provider type `{kind}`"))?;
-    reqwest::Url::parse(&format!("{base_url}/{}", wire.path()))
-        .map_err(|e| format!("invalid base_url `{base_url}`: {e}"))
+    let invalid = |why: &dyn std::fmt::Display| format!("invalid base_url `{base_url}`: {why}");
+    if !["http://", "https://"].iter().any(|s| {
+        base_url
+            .get(..s.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(s))
+    }) {
+        return Err(invalid(&"it must start with http:// or https://"));
+    }
+    let uri: http::Uri = format!("{base_url}/{}", wire.path())
+        .parse()
+        .map_err(|e| invalid(&e))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(&"it has no host"));
+    }
+    Ok(uri)
 }
 
 impl Catalog {
@@ -694,7 +707,7 @@ mod tests {
                 .endpoint
                 .as_ref()
                 .unwrap()
-                .as_str(),
+                .to_string(),
             "http://x/v1/chat/completions"
         );
         let acme = cat.resolve("acme", "m").unwrap();
@@ -826,13 +839,13 @@ mod tests {
         assert_eq!(
             endpoint("anthropic", "https://api.example/v1")
                 .unwrap()
-                .as_str(),
+                .to_string(),
             "https://api.example/v1/messages"
         );
         assert_eq!(
             endpoint("simulated", "http://127.0.0.1:9/v1")
                 .unwrap()
-                .as_str(),
+                .to_string(),
             "http://127.0.0.1:9/v1/chat/completions"
         );
         assert_eq!(
@@ -843,6 +856,14 @@ mod tests {
             endpoint("openai", "not a url")
                 .unwrap_err()
                 .starts_with("invalid base_url `not a url`")
+        );
+        assert_eq!(
+            endpoint("openai", "api.example/v1").unwrap_err(),
+            "invalid base_url `api.example/v1`: it must start with http:// or https://"
+        );
+        assert_eq!(
+            endpoint("openai", "ftp://api.example/v1").unwrap_err(),
+            "invalid base_url `ftp://api.example/v1`: it must start with http:// or https://"
         );
     }
 }

@@ -23,6 +23,7 @@ mod service;
 pub mod strategy;
 #[cfg(test)]
 mod tests;
+pub mod upstream_http;
 
 use std::future::Future;
 use std::net::SocketAddr;

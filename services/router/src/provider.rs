@@ -15,8 +15,10 @@ use crewmesh_proto::router::v1 as pb;
 use crewmesh_proto::types::v1::TokenUsage;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use http_body_util::{BodyExt, Full};
 
 use crate::catalog::Provider;
+use crate::upstream_http::{BuildError, UpstreamHttp};
 
 /// Which timeout fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +104,11 @@ impl DefaultTimeouts {
     }
 }
 
-/// One pooled HTTP client per distinct connect timeout (reqwest sets it per client);
-/// HTTP/2 where the upstream offers it.
+/// One pooled HTTP client per distinct connect timeout (the connector sets it per
+/// client); HTTP/2 where the upstream offers it.
 #[derive(Clone, Debug)]
 pub struct ProviderClient {
-    clients: Arc<Mutex<HashMap<Duration, reqwest::Client>>>,
+    clients: Arc<Mutex<HashMap<Duration, UpstreamHttp>>>,
     pub defaults: DefaultTimeouts,
 }
 
@@ -127,7 +129,7 @@ pub enum StreamItem {
 
 /// An upstream stream whose first event has arrived.
 pub struct UpstreamStream {
-    body: BoxStream<'static, Result<Bytes, reqwest::Error>>,
+    body: BoxStream<'static, Result<Bytes, hyper::Error>>,
     buf: Vec<u8>,
     pending: VecDeque<StreamItem>,
     deadline: tokio::time::Instant,
@@ -270,7 +272,7 @@ fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 impl ProviderClient {
-    pub fn new(defaults: DefaultTimeouts) -> Result<Self, reqwest::Error> {
+    pub fn new(defaults: DefaultTimeouts) -> Result<Self, BuildError> {
         let me = Self {
             clients: Arc::new(Mutex::new(HashMap::new())),
             defaults,
@@ -279,22 +281,12 @@ impl ProviderClient {
         Ok(me)
     }
 
-    fn client(&self, connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    fn client(&self, connect_timeout: Duration) -> Result<UpstreamHttp, BuildError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&connect_timeout) {
             return Ok(c.clone());
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            // A provider API answers, it does not redirect: a 3xx is reported as the
-            // upstream's error rather than followed (with the request's credentials)
-            // to wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("crewmesh-router/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = UpstreamHttp::new(connect_timeout)?;
         clients.insert(connect_timeout, http.clone());
         Ok(http)
     }
@@ -305,42 +297,44 @@ impl ProviderClient {
 
     /// Sends the request and waits for the response headers within the first-byte
     /// timeout; a non-2xx answer is read and turned into [`UpstreamError::Status`].
+    /// `deadline`: when the attempt's total timeout ends.
     async fn send(
         &self,
         provider: &Provider,
         wire: Wire,
         body: Vec<u8>,
         t: AttemptTimeouts,
-    ) -> Result<reqwest::Response, UpstreamError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         let http = self
             .client(t.connect)
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
-        let url = provider.endpoint.clone().map_err(UpstreamError::Connect)?;
-        let mut call = match wire {
-            Wire::OpenAi => {
-                let mut c = http.post(url);
-                if let Some(key) = &provider.api_key {
-                    c = c.bearer_auth(key.expose());
-                }
-                c
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let uri = provider.endpoint.clone().map_err(UpstreamError::Connect)?;
+        let mut req = http::Request::post(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, USER_AGENT);
+        match (wire, &provider.api_key) {
+            (Wire::OpenAi, Some(key)) => {
+                req = req.header(http::header::AUTHORIZATION, secret_header("Bearer ", key)?);
             }
-            Wire::Anthropic => {
-                let mut c = http
-                    .post(url)
-                    .header("anthropic-version", crate::anthropic::API_VERSION);
-                if let Some(key) = &provider.api_key {
-                    c = c.header("x-api-key", key.expose());
+            (Wire::Anthropic, key) => {
+                req = req.header("anthropic-version", crate::anthropic::API_VERSION);
+                if let Some(key) = key {
+                    req = req.header("x-api-key", secret_header("", key)?);
                 }
-                c
             }
-        };
-        call = call
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .timeout(t.total);
-        let resp = match tokio::time::timeout(t.first_byte, call.send()).await {
-            Err(_) => return Err(UpstreamError::Timeout(TimeoutKind::FirstByte, t.first_byte)),
-            Ok(r) => r.map_err(|e| classify(e, t))?,
+            (Wire::OpenAi, None) => {}
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Connect(format!("cannot build the request: {e}")))?;
+        let first_byte = deadline.min(tokio::time::Instant::now() + t.first_byte);
+        let resp = match tokio::time::timeout_at(first_byte, http.send(req)).await {
+            Err(_) if first_byte < deadline => {
+                return Err(UpstreamError::Timeout(TimeoutKind::FirstByte, t.first_byte));
+            }
+            Err(_) => return Err(UpstreamError::Timeout(TimeoutKind::Total, t.total)),
+            Ok(r) => r.map_err(|e| UpstreamError::Connect(error_chain(&e)))?,
         };
         let status = resp.status();
         if status.is_success() {
@@ -348,11 +342,11 @@ impl ProviderClient {
         }
         let retry_after = resp
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let bytes = resp.bytes().await.map_err(|e| classify(e, t))?;
+        let bytes = read_body(resp, t, deadline).await?;
         Err(UpstreamError::Status {
             status: status.as_u16(),
             message: error_message(&bytes),
@@ -377,8 +371,9 @@ impl ProviderClient {
         }
         .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let started = Instant::now();
-        let resp = self.send(provider, wire, body, t).await?;
-        let bytes = resp.bytes().await.map_err(|e| classify(e, t))?;
+        let deadline = tokio::time::Instant::now() + t.total;
+        let resp = self.send(provider, wire, body, t, deadline).await?;
+        let bytes = read_body(resp, t, deadline).await?;
         let response = match wire {
             Wire::OpenAi => {
                 let parsed: ChatResponse = serde_json::from_slice(&bytes)
@@ -412,12 +407,13 @@ impl ProviderClient {
         .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let started = Instant::now();
         let first_deadline = tokio::time::Instant::now() + t.first_byte;
-        let resp = self.send(provider, wire, body, t).await?;
+        let deadline = tokio::time::Instant::now() + t.total;
+        let resp = self.send(provider, wire, body, t, deadline).await?;
         let mut stream = UpstreamStream {
-            body: resp.bytes_stream().boxed(),
+            body: resp.into_body().into_data_stream().boxed(),
             buf: Vec::new(),
             pending: VecDeque::new(),
-            deadline: tokio::time::Instant::now() + t.total,
+            deadline,
             total: t.total,
             wire,
             anthropic: crate::anthropic::StreamState::default(),
@@ -435,14 +431,33 @@ impl ProviderClient {
     }
 }
 
-fn classify(e: reqwest::Error, t: AttemptTimeouts) -> UpstreamError {
-    if e.is_timeout() {
-        UpstreamError::Timeout(TimeoutKind::Total, t.total)
-    } else if e.is_connect() {
-        UpstreamError::Connect(error_chain(&e))
-    } else {
-        // The error chain can include the URL; it never includes the API key.
-        UpstreamError::Connect(error_chain(&e))
+const USER_AGENT: &str = concat!("crewmesh-router/", env!("CARGO_PKG_VERSION"));
+
+/// A header value carrying a credential, marked sensitive so that it is never logged
+/// nor indexed by HPACK.
+fn secret_header(
+    prefix: &str,
+    key: &crewmesh_kit::settings::Secret,
+) -> Result<http::HeaderValue, UpstreamError> {
+    let mut value = http::HeaderValue::try_from(format!("{prefix}{}", key.expose()))
+        .map_err(|_| UpstreamError::Connect("the API key is not a valid header value".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// The whole body of `resp`, before the attempt's deadline.
+async fn read_body(
+    resp: http::Response<hyper::body::Incoming>,
+    t: AttemptTimeouts,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, UpstreamError> {
+    match tokio::time::timeout_at(deadline, resp.into_body().collect()).await {
+        Err(_) => Err(UpstreamError::Timeout(TimeoutKind::Total, t.total)),
+        Ok(Err(e)) => Err(UpstreamError::Connect(format!(
+            "reading the answer: {}",
+            error_chain(&e)
+        ))),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
     }
 }
 
@@ -489,9 +504,43 @@ mod tests {
         assert!(!UpstreamError::Malformed("x".into()).is_retryable());
     }
 
+    /// Serves `app` on loopback; a client and an OpenAI-type provider pointing at it.
+    async fn provider_at(
+        app: axum::Router,
+        api_key: Option<&str>,
+    ) -> (ProviderClient, Provider, AttemptTimeouts) {
+        crewmesh_testkit::init_crypto();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let defaults = DefaultTimeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(5),
+            total: Duration::from_secs(5),
+        };
+        let provider = Provider {
+            name: "double".into(),
+            kind: "openai".into(),
+            endpoint: crate::catalog::endpoint("openai", &base_url),
+            base_url,
+            api_key: api_key.map(|k| crewmesh_kit::settings::Secret::new(k.to_owned())),
+            timeouts: Default::default(),
+        };
+        let t = defaults.for_attempt(&provider, None);
+        (ProviderClient::new(defaults).unwrap(), provider, t)
+    }
+
+    async fn send(
+        (client, provider, t): &(ProviderClient, Provider, AttemptTimeouts),
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + t.total;
+        client
+            .send(provider, Wire::OpenAi, b"{}".to_vec(), *t, deadline)
+            .await
+    }
+
     #[tokio::test]
     async fn a_redirect_is_the_upstreams_error_and_is_not_followed() {
-        crewmesh_testkit::init_crypto();
         let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hit = followed.clone();
         let app = axum::Router::new()
@@ -511,26 +560,7 @@ mod tests {
                     "followed"
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let defaults = DefaultTimeouts {
-            connect: Duration::from_secs(5),
-            first_byte: Duration::from_secs(5),
-            total: Duration::from_secs(5),
-        };
-        let client = ProviderClient::new(defaults).unwrap();
-        let provider = Provider {
-            name: "redirecting".into(),
-            kind: "openai".into(),
-            base_url: format!("http://{addr}/v1"),
-            endpoint: crate::catalog::endpoint("openai", &format!("http://{addr}/v1")),
-            api_key: None,
-            timeouts: Default::default(),
-        };
-        let t = defaults.for_attempt(&provider, None);
-        let err = client
-            .send(&provider, Wire::OpenAi, b"{}".to_vec(), t)
+        let err = send(&provider_at(app, None).await)
             .await
             .expect_err("a redirect is an error");
         assert!(
@@ -538,6 +568,24 @@ mod tests {
             "{err:?}"
         );
         assert!(!followed.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn an_openai_call_carries_the_key_as_a_bearer_token_and_says_who_calls() {
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(|headers: http::HeaderMap| async move {
+                let h = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+                assert_eq!(h("authorization").as_deref(), Some("Bearer sk-test"));
+                assert_eq!(h("content-type").as_deref(), Some("application/json"));
+                assert!(h("user-agent").unwrap().starts_with("crewmesh-router/"));
+                "{}"
+            }),
+        );
+        let resp = send(&provider_at(app, Some("sk-test")).await)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
     }
 
     #[test]
