@@ -16,9 +16,8 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::{AuditClient, UNAUTHENTICATED_TENANT};
 use crewmesh_kit::principal::Principal;
@@ -215,13 +214,17 @@ pub(crate) struct Refused {
 
 /// Records one audit event for every request, after its response (see the module
 /// documentation). Sits outside authentication so that it sees refusals too.
-pub(crate) async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn record(
+    state: &AppState,
+    req: Request,
+    next: impl AsyncFnOnce(Request) -> Response,
+) -> Response {
     let Some(client) = state.audit_trail.client.as_ref() else {
-        return next.run(req).await;
+        return next(req).await;
     };
     let facts = Facts::of(&req);
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let resp = next(req).await;
     let status = resp.status();
     let mut details = facts.details(Some(status), Some(started));
     let event = if let Some(a) = resp.extensions().get::<Admitted>() {
@@ -269,16 +272,20 @@ pub fn audit_unavailable(tenant: &str) -> Problem {
 
 /// Runs after authorisation, before the handler: marks the request as admitted for
 /// [`record`], and for fail-closed tenants makes an intent event durable first.
-pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn admit(
+    state: &AppState,
+    req: Request,
+    next: impl AsyncFnOnce(Request) -> Response,
+) -> Response {
     let Some(Authenticated(principal)) = req.extensions().get::<Authenticated>().cloned() else {
-        return next.run(req).await;
+        return next(req).await;
     };
     let routed = req
         .extensions()
         .get::<MatchedPath>()
         .and_then(|r| rbac::required(req.method(), r.as_str(), req.uri().path()));
     if routed.is_none() {
-        return next.run(req).await;
+        return next(req).await;
     }
     let mode = state
         .tenant_policies
@@ -308,7 +315,7 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     }
     let mut resp = match &refused {
         Some(_) => audit_unavailable(principal.tenant.as_str()).into_response(),
-        None => next.run(req).await,
+        None => next(req).await,
     };
     resp.extensions_mut()
         .insert(Admitted { principal, refused });

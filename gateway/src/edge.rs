@@ -306,6 +306,15 @@ pub fn apply<S: Clone + Send + Sync + 'static>(
 /// The header limits, the request timeout, the stream idle timeout and the security
 /// headers (state: [`Edge::new`]). CORS ([`cors`]) goes inside it.
 pub async fn middleware(State(edge): State<Arc<Edge>>, req: Request, next: Next) -> Response {
+    guard(&edge, req, async |req| next.run(req).await).await
+}
+
+/// [`middleware`] around `next`.
+pub(crate) async fn guard(
+    edge: &Edge,
+    req: Request,
+    next: impl AsyncFnOnce(Request) -> Response,
+) -> Response {
     let headers = req.headers();
     let mut resp = if headers.len() > edge.max_headers {
         headers_too_large(format!(
@@ -324,7 +333,7 @@ pub async fn middleware(State(edge): State<Arc<Edge>>, req: Request, next: Next)
                 edge.max_header_bytes
             ))
         } else {
-            match tokio::time::timeout(edge.request_timeout, next.run(req)).await {
+            match tokio::time::timeout(edge.request_timeout, next(req)).await {
                 Ok(resp) => resp,
                 Err(_) => Problem::new(
                     StatusCode::GATEWAY_TIMEOUT,

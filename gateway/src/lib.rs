@@ -246,7 +246,11 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// One span per request (child of the client's W3C trace context), a request id on
 /// request and response, and HTTP metrics.
-async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: Next) -> Response {
+async fn observe(
+    state: &AppState,
+    mut req: Request,
+    next: impl AsyncFnOnce(Request) -> Response,
+) -> Response {
     let id = request_id(req.headers());
     if let Ok(v) = id.parse() {
         req.headers_mut().insert("x-request-id", v);
@@ -268,7 +272,7 @@ async fn observe(state: axum::extract::State<AppState>, mut req: Request, next: 
     );
     crewmesh_kit::telemetry::adopt_remote_parent(&span, req.headers());
     let started = Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let mut resp = next(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("status", status);
     if let Ok(v) = id.parse() {
@@ -344,9 +348,9 @@ async fn authenticate(
 /// route's permission (see [`rbac`]); leaves the principal in the request for the
 /// handler.
 async fn authorize(
-    axum::extract::State(state): axum::extract::State<AppState>,
+    state: &AppState,
     mut req: Request,
-    next: Next,
+    next: impl AsyncFnOnce(Request) -> Response,
 ) -> Response {
     use axum::response::IntoResponse;
     let route = req
@@ -354,7 +358,7 @@ async fn authorize(
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
     let Some(perm) = route.and_then(|r| rbac::required(req.method(), &r, req.uri().path())) else {
-        return next.run(req).await;
+        return next(req).await;
     };
     // Every refusal says who was refused and why, for the audit trail.
     let refuse = |mut resp: Response, principal: Option<&Principal>, reason: String| {
@@ -364,7 +368,7 @@ async fn authorize(
         });
         resp
     };
-    let (principal, key_limits) = match authenticate(&state, req.headers()).await {
+    let (principal, key_limits) = match authenticate(state, req.headers()).await {
         Ok(v) => v,
         Err(p) => {
             let reason = p.detail.clone();
@@ -385,7 +389,7 @@ async fn authorize(
         return refuse(resp, Some(&principal), reason);
     }
     if perm == rbac::Permission::ModelsInvoke
-        && let Err(resp) = limits::check(&state, &principal, key_limits).await
+        && let Err(resp) = limits::check(state, &principal, key_limits).await
     {
         let reason = match resp.status() {
             StatusCode::TOO_MANY_REQUESTS => "rate limited".to_owned(),
@@ -395,7 +399,7 @@ async fn authorize(
         return refuse(resp, Some(&principal), reason);
     }
     req.extensions_mut().insert(Authenticated(principal));
-    next.run(req).await
+    next(req).await
 }
 
 async fn fallback(uri: axum::http::Uri) -> problem::Problem {
@@ -457,36 +461,56 @@ pub fn api(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::serve))
         .fallback(fallback);
     // One stack, wrapped around each route once: every `Router::layer` call would box
-    // the route again, and each box is cloned and allocated on every request.
-    // Outermost first.
+    // the route again, and each box is cloned and allocated on every request. The
+    // middleware steps are plain async functions chained inside two layers (each layer
+    // boxes its future and the rest of the chain), on either side of CORS.
     let layers = tower::ServiceBuilder::new()
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // Every response, refusals included, says which config it saw.
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            routes::config::revision_header,
-        ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        .layer(axum::middleware::from_fn_with_state(
-            edge::Edge::new(&state.http),
-            edge::middleware,
+            (state.clone(), edge::Edge::new(&state.http)),
+            outer_middleware,
         ))
         .option_layer(edge::cors(&state.http))
-        // Around authentication, so that refusals are audited too.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            audit_trail::record,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            authorize,
-        ))
-        // After authorisation: who the caller is, and fail-closed audit tenants.
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            audit_trail::admit,
+            inner_middleware,
         ));
     router.layer(layers).with_state(state)
+}
+
+/// Outside CORS, outermost first: every response, refusals included, says which config
+/// it saw ([`routes::config::revision_header`]); then the request id, span, metrics and
+/// log line ([`observe`]); then the edge limits and security headers ([`edge::guard`]).
+async fn outer_middleware(
+    axum::extract::State((state, edge)): axum::extract::State<(AppState, Arc<edge::Edge>)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    routes::config::revision_header(&state, req, async |req| {
+        observe(&state, req, async |req| {
+            edge::guard(&edge, req, async |req| next.run(req).await).await
+        })
+        .await
+    })
+    .await
+}
+
+/// Inside CORS, outermost first: the audit record, around authentication so that
+/// refusals are audited too ([`audit_trail::record`]); authentication and authorisation
+/// ([`authorize`]); then, once the caller is known, admission of fail-closed audit
+/// tenants ([`audit_trail::admit`]).
+async fn inner_middleware(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    audit_trail::record(&state, req, async |req| {
+        authorize(&state, req, async |req| {
+            audit_trail::admit(&state, req, async |req| next.run(req).await).await
+        })
+        .await
+    })
+    .await
 }
 
 pub struct Application {

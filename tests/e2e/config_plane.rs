@@ -13,9 +13,9 @@ use crewmesh::up::{self, ConfigStoreChoice, UpOptions};
 use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::tls::MeshTls;
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_proto::config::v1 as cfg;
 use crewmesh_proto::config::v1::config_service_client::ConfigServiceClient;
-use tonic::transport::Channel;
 
 use crate::harness::{TestMesh, eventually};
 

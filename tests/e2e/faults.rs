@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crewmesh_kit::clients::with_principal;
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_proto::router::v1 as pb;
 use crewmesh_proto::router::v1::router_service_client::RouterServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::harness::{TestMesh, eventually};
 use crate::routing::{principal, put_model, request, router};

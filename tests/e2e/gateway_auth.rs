@@ -41,7 +41,7 @@ fn chat(mesh: &TestMesh, key: &str) -> reqwest::RequestBuilder {
 }
 
 /// The config service as the gateway, acting for an admin of `tenant`.
-fn config_as_admin(mesh: &TestMesh) -> ConfigServiceClient<tonic::transport::Channel> {
+fn config_as_admin(mesh: &TestMesh) -> ConfigServiceClient<crewmesh_kit::transport::PeerChannel> {
     ConfigServiceClient::new(mesh.channel_as(Service::Config, mesh.tls_files("gateway")))
 }
 

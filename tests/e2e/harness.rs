@@ -9,8 +9,8 @@ use crewmesh::up::{self, ConfigStoreChoice, DatabaseChoice, RunningMesh, UpOptio
 use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::tls::{MeshTls, TlsFiles};
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_kit::transport::mesh_channel;
-use tonic::transport::Channel;
 
 pub struct TestMeshBuilder {
     etcd: bool,

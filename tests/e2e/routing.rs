@@ -7,10 +7,10 @@ use std::time::Duration;
 use crewmesh_kit::clients::with_principal;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::principal::{Principal, Role, TenantId};
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_proto::config::v1 as cfg;
 use crewmesh_proto::router::v1 as pb;
 use crewmesh_proto::router::v1::router_service_client::RouterServiceClient;
-use tonic::transport::Channel;
 
 use crate::harness::{TestMesh, eventually};
 

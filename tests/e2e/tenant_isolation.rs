@@ -7,6 +7,7 @@ use std::time::Duration;
 use crewmesh_kit::clients::with_principal;
 use crewmesh_kit::mesh::Service;
 use crewmesh_kit::principal::{Principal, Role, TenantId};
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_proto::agent::v1 as agent;
 use crewmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
 use crewmesh_proto::audit::v1 as audit;
@@ -18,7 +19,6 @@ use crewmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use crewmesh_proto::router::v1 as router;
 use crewmesh_proto::router::v1::router_service_client::RouterServiceClient;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::harness::{TestMesh, eventually};
 

@@ -23,7 +23,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::with_principal;
 use crewmesh_kit::principal::Principal;
@@ -44,8 +43,12 @@ pub const REVISION_HEADER: &str = "x-crewmesh-config-revision";
 /// gateway's config cache has confirmed it is current (absent before the first
 /// snapshot). A client that wrote a document at version N and sees a revision >= N
 /// knows this gateway has seen the change.
-pub async fn revision_header(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
+pub(crate) async fn revision_header(
+    state: &AppState,
+    req: Request,
+    next: impl AsyncFnOnce(Request) -> Response,
+) -> Response {
+    let mut resp = next(req).await;
     let revision = state.config_docs.confirmed_revision();
     if revision > 0 {
         resp.headers_mut()

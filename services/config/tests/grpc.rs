@@ -14,6 +14,7 @@ use crewmesh_kit::principal::{Principal, Role, TenantId};
 use crewmesh_kit::server::MeshServer;
 use crewmesh_kit::settings::{CommonConfig, PeersConfig, ServerConfig};
 use crewmesh_kit::tls::MeshTls;
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_kit::transport::mesh_channel;
 use crewmesh_proto::audit::v1 as audit;
 use crewmesh_proto::audit::v1::audit_service_server::{AuditService, AuditServiceServer};
@@ -25,7 +26,6 @@ use crewmesh_proto::config::v1::{
 use crewmesh_proto::types::v1::PageRequest;
 use crewmesh_testkit::{TRUST_DOMAIN, TestPki};
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 const MODEL_SPEC: &str = r#"{"deployments":[{"provider":"sim","model":"sim-small","weight":1}]}"#;

@@ -9,7 +9,6 @@ use crewmesh_proto::config::v1::config_service_client::ConfigServiceClient;
 use crewmesh_proto::metrics::v1 as metrics;
 use crewmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use crewmesh_proto::router::v1::router_service_client::RouterServiceClient;
-use tonic::transport::Channel;
 
 use crate::batch::{BatchConfig, Batcher};
 use crate::identity::SpiffeId;
@@ -20,10 +19,10 @@ use crate::settings::PeersConfig;
 use crate::spool::{SpoolBatcher, SpoolConfig};
 use crate::telemetry::InjectTrace;
 use crate::tls::MeshTls;
-use crate::transport::{ConnectError, mesh_channel};
+use crate::transport::{ConnectError, PeerChannel, mesh_channel};
 
 /// A channel to a mesh service that carries the caller's trace context.
-pub type MeshChannel = InjectTrace<Channel>;
+pub type MeshChannel = InjectTrace<PeerChannel>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -494,9 +493,7 @@ mod tests {
                 .add_service(MetricsServiceServer::new(fake))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let channel = PeerChannel::plaintext(&addr.to_string());
         MetricsServiceClient::new(InjectTrace::new(channel))
     }
 

@@ -362,9 +362,9 @@ mod tests {
     #[tokio::test]
     async fn the_watch_stops_with_the_last_handle() {
         // Nothing listens there: the watcher keeps retrying until it is stopped.
-        let channel = crate::telemetry::InjectTrace::new(
-            tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy(),
-        );
+        let channel = crate::telemetry::InjectTrace::new(crate::transport::PeerChannel::plaintext(
+            "127.0.0.1:1",
+        ));
         let cache = ConfigCache::spawn(
             ConfigServiceClient::new(channel),
             vec![Kind::Flag],

@@ -34,6 +34,7 @@ use crewmesh_kit::principal::{Principal, Role, TenantId, principal_of};
 use crewmesh_kit::server::MeshServer;
 use crewmesh_kit::settings::{CommonConfig, DatabaseConfig, PeersConfig, ServerConfig};
 use crewmesh_kit::tls::MeshTls;
+use crewmesh_kit::transport::PeerChannel as Channel;
 use crewmesh_proto::agent::v1 as agent;
 use crewmesh_proto::agent::v1::agent_service_client::AgentServiceClient;
 use crewmesh_proto::audit::v1 as audit;
@@ -46,7 +47,6 @@ use crewmesh_proto::types::v1::TokenUsage;
 use crewmesh_testkit::{TRUST_DOMAIN, TestPki};
 use futures::Stream;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
