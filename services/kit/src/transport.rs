@@ -367,3 +367,92 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    /// A plaintext gRPC health server on `listener` that counts the connections it
+    /// accepts, until `stop` fires (then it closes its connections).
+    fn serve(
+        listener: TcpListener,
+        accepted: Arc<AtomicUsize>,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (_, health) = tonic_health::server::health_reporter();
+        let incoming =
+            tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |_| {
+                accepted.fetch_add(1, Ordering::SeqCst);
+            });
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await
+                .unwrap();
+        })
+    }
+
+    async fn check(client: &mut HealthClient<PeerChannel>) -> Result<(), tonic::Status> {
+        client
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_calls_share_one_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (_stop, stop) = tokio::sync::oneshot::channel();
+        serve(listener, accepted.clone(), stop);
+        let client = HealthClient::new(PeerChannel::plaintext(&addr));
+        let calls = (0..8).map(|_| {
+            let mut client = client.clone();
+            async move { check(&mut client).await }
+        });
+        for result in futures::future::join_all(calls).await {
+            result.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_down_is_unavailable_and_is_dialled_again_once_it_is_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (stop_first, stop) = tokio::sync::oneshot::channel();
+        let first = serve(listener, accepted.clone(), stop);
+        let mut client = HealthClient::new(PeerChannel::plaintext(&addr.to_string()));
+        check(&mut client).await.unwrap();
+
+        // The server stops and closes the connection: calls fail as unavailable.
+        stop_first.send(()).unwrap();
+        first.await.unwrap();
+        let err = check(&mut client).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+        // Back on the same port: the next call dials a new connection.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let (_stop, stop) = tokio::sync::oneshot::channel();
+        serve(listener, accepted.clone(), stop);
+        check(&mut client).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn an_address_without_a_port_is_refused() {
+        let refused = PeerChannel::new("localhost", Dial::Plaintext);
+        assert!(matches!(refused, Err(ConnectError::Address(a)) if a == "localhost"));
+    }
+}
