@@ -222,6 +222,9 @@ struct PeerInner {
     current: std::sync::Mutex<Option<SendRequest<tonic::body::Body>>>,
     /// Held while dialling, so that concurrent first calls share one connection.
     dialling: tokio::sync::Mutex<()>,
+    /// Where the connection's task runs: the runtime the channel was made on (like
+    /// tonic's channels; see `tasks::on_background`), else the dialling call's.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 enum Dial {
@@ -263,6 +266,7 @@ impl PeerChannel {
                 dial,
                 current: std::sync::Mutex::new(None),
                 dialling: tokio::sync::Mutex::new(()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         })
     }
@@ -327,11 +331,15 @@ impl PeerChannel {
                 .handshake(TokioIo::new(io))
                 .await?;
         let addr = self.inner.addr.clone();
-        tokio::spawn(async move {
+        let run = async move {
             if let Err(e) = connection.await {
                 tracing::debug!(peer = %addr, error = %e, "mesh connection closed");
             }
-        });
+        };
+        match &self.inner.runtime {
+            Some(runtime) => runtime.spawn(run),
+            None => tokio::spawn(run),
+        };
         Ok(sender)
     }
 }
