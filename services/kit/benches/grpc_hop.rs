@@ -1,7 +1,8 @@
 //! What one mesh hop costs: a unary gRPC call (`grpc.health.v1.Health/Check`) over
 //! loopback, measured side by side with raw TCP round trips (64 bytes each way; between
 //! two OS threads with blocking sockets, and between two tokio tasks), over plaintext
-//! HTTP/2 and over the mesh's mTLS transport, one call at a time.
+//! HTTP/2 (through tonic's `Channel`) and over the mesh's mTLS transport (through the
+//! mesh's own `transport::PeerChannel`, which has no buffer task), one call at a time.
 //!
 //! `cargo bench -p crewmesh-kit --bench grpc_hop` (`-- --calls N`, default 20,000 per
 //! variant; `TOKIO_WORKER_THREADS` sets the runtime's workers, default 2). The variants
