@@ -215,7 +215,7 @@ pub struct PeerChannel {
 }
 
 struct PeerInner {
-    addr: String,
+    /// The peer's `host:port`: what is dialled, and the requests' authority.
     authority: http::uri::Authority,
     dial: Dial,
     /// The open connection, if any.
@@ -240,7 +240,7 @@ enum Dial {
 impl std::fmt::Debug for PeerChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerChannel")
-            .field("addr", &self.inner.addr)
+            .field("addr", &self.inner.authority.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -261,7 +261,6 @@ impl PeerChannel {
             .ok_or_else(|| ConnectError::Address(addr.to_owned()))?;
         Ok(Self {
             inner: Arc::new(PeerInner {
-                addr: addr.to_owned(),
                 authority,
                 dial,
                 current: std::sync::Mutex::new(None),
@@ -295,14 +294,14 @@ impl PeerChannel {
         let unavailable = |e: &dyn std::fmt::Display| tonic::Status::unavailable(e.to_string());
         let sender = match &self.inner.dial {
             Dial::Mtls { expected, tls } => {
-                let stream = connect_mtls(&self.inner.addr, expected, tls)
+                let stream = connect_mtls(self.inner.authority.as_str(), expected, tls)
                     .await
                     .map_err(|e| unavailable(&e))?;
                 self.handshake(stream).await
             }
             #[cfg(test)]
             Dial::Plaintext => {
-                let tcp = TcpStream::connect(&self.inner.addr)
+                let tcp = TcpStream::connect(self.inner.authority.as_str())
                     .await
                     .map_err(|e| unavailable(&e))?;
                 self.handshake(tcp).await
@@ -311,7 +310,7 @@ impl PeerChannel {
         .map_err(|e| {
             unavailable(&format_args!(
                 "HTTP/2 handshake with {}: {e}",
-                self.inner.addr
+                self.inner.authority
             ))
         })?;
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
@@ -330,10 +329,10 @@ impl PeerChannel {
                 .keep_alive_while_idle(true)
                 .handshake(TokioIo::new(io))
                 .await?;
-        let addr = self.inner.addr.clone();
+        let peer = self.inner.authority.clone();
         let run = async move {
             if let Err(e) = connection.await {
-                tracing::debug!(peer = %addr, error = %e, "mesh connection closed");
+                tracing::debug!(%peer, error = %e, "mesh connection closed");
             }
         };
         match &self.inner.runtime {

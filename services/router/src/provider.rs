@@ -504,15 +504,17 @@ mod tests {
         assert!(!UpstreamError::Malformed("x".into()).is_retryable());
     }
 
-    /// Serves `app` on loopback; a client and an OpenAI-type provider pointing at it.
-    async fn provider_at(
-        app: axum::Router,
-        api_key: Option<&str>,
-    ) -> (ProviderClient, Provider, AttemptTimeouts) {
+    /// A client and an OpenAI-type provider pointing at `app` (served until dropped).
+    struct Double {
+        client: ProviderClient,
+        provider: Provider,
+        t: AttemptTimeouts,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn provider_at(app: axum::Router, api_key: Option<&str>) -> Double {
         crewmesh_testkit::init_crypto();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (base_url, stop) = crate::tests::serve(app).await;
         let defaults = DefaultTimeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(5),
@@ -526,16 +528,18 @@ mod tests {
             api_key: api_key.map(|k| crewmesh_kit::settings::Secret::new(k.to_owned())),
             timeouts: Default::default(),
         };
-        let t = defaults.for_attempt(&provider, None);
-        (ProviderClient::new(defaults).unwrap(), provider, t)
+        Double {
+            t: defaults.for_attempt(&provider, None),
+            client: ProviderClient::new(defaults).unwrap(),
+            provider,
+            _stop: stop,
+        }
     }
 
-    async fn send(
-        (client, provider, t): &(ProviderClient, Provider, AttemptTimeouts),
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let deadline = tokio::time::Instant::now() + t.total;
-        client
-            .send(provider, Wire::OpenAi, b"{}".to_vec(), *t, deadline)
+    async fn send(d: &Double) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        let deadline = tokio::time::Instant::now() + d.t.total;
+        d.client
+            .send(&d.provider, Wire::OpenAi, b"{}".to_vec(), d.t, deadline)
             .await
     }
 

@@ -30,13 +30,13 @@ use crate::service::{Captured, Core, Recorder, RouterService};
 use crate::strategy::Stats;
 
 /// A running HTTP upstream for one test; stops when dropped.
-struct Upstream {
-    url: String,
+pub(crate) struct Upstream {
+    pub(crate) url: String,
     count: Arc<AtomicU64>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn sim() -> Upstream {
+pub(crate) async fn sim() -> Upstream {
     let up =
         crewmesh_simulated_upstream::SimulatedUpstream::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
@@ -54,7 +54,8 @@ async fn sim() -> Upstream {
     }
 }
 
-async fn serve(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+/// Serves `app` on loopback until the returned sender is dropped; its base URL.
+pub(crate) async fn serve(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -273,17 +273,23 @@ mod tests {
         (addr, heads)
     }
 
-    async fn simulated() -> (SocketAddr, String) {
-        let sim = crewmesh_simulated_upstream::SimulatedUpstream::bind(SocketAddr::from((
-            [127, 0, 0, 1],
-            0,
-        )))
-        .await
-        .unwrap();
-        let (addr, url) = (sim.local_addr(), sim.base_url());
-        tokio::spawn(sim.run_until_stopped(std::future::pending()));
-        (addr, url)
+    /// The simulated upstream; its URL and the address the proxy relays to.
+    async fn simulated() -> (crate::tests::Upstream, SocketAddr) {
+        let sim = crate::tests::sim().await;
+        let origin: Uri = sim.url.parse().unwrap();
+        let addr = origin.authority().unwrap().as_str().parse().unwrap();
+        (sim, addr)
     }
+
+    /// The one request head the proxy saw.
+    fn only_head(heads: &Mutex<Vec<String>>) -> String {
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        heads[0].clone()
+    }
+
+    /// `Proxy-Authorization` for `alice:s3cret`, as the proxy sees it (lower-cased).
+    const ALICE: &str = "proxy-authorization: basic ywxpy2u6cznjcmv0\r\n";
 
     fn chat(url: &str) -> http::Request<Full<Bytes>> {
         let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
@@ -294,39 +300,30 @@ mod tests {
     }
 
     fn client(proxies: Option<Matcher>) -> UpstreamHttp {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crewmesh_testkit::init_crypto();
         UpstreamHttp::with_proxies(Duration::from_secs(5), proxies).unwrap()
     }
 
     #[tokio::test]
     async fn plain_http_goes_through_the_proxy_in_absolute_form_with_its_credentials() {
-        let (origin, url) = simulated().await;
+        let (sim, origin) = simulated().await;
         let (proxy, heads) = proxy(origin).await;
         let proxies = Matcher::builder()
             .http(format!("http://alice:s3cret@{proxy}"))
             .build();
-        let resp = client(Some(proxies)).send(chat(&url)).await.unwrap();
+        let resp = client(Some(proxies)).send(chat(&sim.url)).await.unwrap();
         assert_eq!(resp.status(), 200);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(body.starts_with(b"{"), "{body:?}");
-        let heads = heads.lock().unwrap();
-        assert_eq!(heads.len(), 1);
-        assert!(
-            heads[0].starts_with(&format!("post {url}/chat/completions http/1.1\r\n")),
-            "{}",
-            heads[0]
-        );
-        // Basic base64("alice:s3cret").
-        assert!(
-            heads[0].contains("proxy-authorization: basic ywxpy2u6cznjcmv0\r\n"),
-            "{}",
-            heads[0]
-        );
+        let head = only_head(&heads);
+        let line = format!("post {}/chat/completions http/1.1\r\n", sim.url);
+        assert!(head.starts_with(&line), "{head}");
+        assert!(head.contains(ALICE), "{head}");
     }
 
     #[tokio::test]
     async fn https_is_tunnelled_with_connect_and_a_refused_tunnel_fails_the_call() {
-        let (origin, _) = simulated().await;
+        let (_sim, origin) = simulated().await;
         let (proxy, heads) = proxy(origin).await;
         let proxies = Matcher::builder()
             .https(format!("http://alice:s3cret@{proxy}"))
@@ -336,26 +333,24 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_connect(), "{err:?}");
-        let heads = heads.lock().unwrap();
-        assert_eq!(heads.len(), 1);
+        let head = only_head(&heads);
         assert!(
-            heads[0].starts_with("connect api.example.test:443 http/1.1\r\n"),
-            "{}",
-            heads[0]
+            head.starts_with("connect api.example.test:443 http/1.1\r\n"),
+            "{head}"
         );
-        assert!(heads[0].contains("proxy-authorization: basic ywxpy2u6cznjcmv0\r\n"));
+        assert!(head.contains(ALICE), "{head}");
     }
 
     #[tokio::test]
     async fn hosts_in_no_proxy_and_clients_without_proxies_are_reached_directly() {
-        let (origin, url) = simulated().await;
+        let (sim, origin) = simulated().await;
         let (proxy, heads) = proxy(origin).await;
         let bypassed = Matcher::builder()
             .all(format!("http://{proxy}"))
             .no("127.0.0.1")
             .build();
         for proxies in [Some(bypassed), None] {
-            let resp = client(proxies).send(chat(&url)).await.unwrap();
+            let resp = client(proxies).send(chat(&sim.url)).await.unwrap();
             assert_eq!(resp.status(), 200);
         }
         assert!(heads.lock().unwrap().is_empty());
