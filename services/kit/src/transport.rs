@@ -6,11 +6,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::TokioIo;
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -196,10 +196,11 @@ pub async fn connect_mtls(
 }
 
 /// A client channel to the service at `addr` whose identity must be `expected`: one
-/// mTLS HTTP/2 connection, dialled on first use and again once it has closed. Requests
-/// go straight onto the connection (HTTP/2 multiplexes them); unlike tonic's `Channel`
-/// there is no queue and worker task in front of it, which cost every call a hand-off
-/// between tasks.
+/// mTLS HTTP/2 connection, dialled on first use and again once it has closed. A call
+/// opens its stream on the connection from the caller's own task (HTTP/2 multiplexes
+/// them): unlike tonic's `Channel` (a queue and a worker task) or hyper's HTTP/2
+/// client (a dispatch channel and two spawned tasks per request), nothing is handed
+/// between tasks on the way out.
 pub fn mesh_channel(
     addr: &str,
     expected: SpiffeId,
@@ -219,12 +220,20 @@ struct PeerInner {
     authority: http::uri::Authority,
     dial: Dial,
     /// The open connection, if any.
-    current: std::sync::Mutex<Option<SendRequest<tonic::body::Body>>>,
+    current: std::sync::Mutex<Option<Connection>>,
     /// Held while dialling, so that concurrent first calls share one connection.
     dialling: tokio::sync::Mutex<()>,
     /// Where the connection's task runs: the runtime the channel was made on (like
     /// tonic's channels; see `tasks::on_background`), else the dialling call's.
     runtime: Option<tokio::runtime::Handle>,
+}
+
+/// One HTTP/2 connection to the peer: the handle that opens streams on it, and
+/// whether its task has ended.
+#[derive(Clone)]
+struct Connection {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 enum Dial {
@@ -245,10 +254,16 @@ impl std::fmt::Debug for PeerChannel {
     }
 }
 
-/// How often an idle connection is pinged, and how long a ping may go unanswered
-/// before the connection counts as broken.
+/// How often the connection is pinged, and how long a ping may go unanswered before
+/// the connection counts as broken and is closed.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flow-control windows for what the peer sends (hyper's defaults for HTTP/2
+/// clients), so that large responses and streams do not wait on window updates.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Largest response or trailer header block accepted, as the servers accept.
+const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -277,13 +292,16 @@ impl PeerChannel {
     }
 
     /// The open connection.
-    fn open(&self) -> Option<SendRequest<tonic::body::Body>> {
+    fn open(&self) -> Option<Connection> {
         let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|c| !c.is_closed()).cloned()
+        current
+            .as_ref()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .cloned()
     }
 
     /// The open connection, dialling a new one if there is none.
-    async fn connection(&self) -> Result<SendRequest<tonic::body::Body>, tonic::Status> {
+    async fn connection(&self) -> Result<Connection, tonic::Status> {
         if let Some(open) = self.open() {
             return Ok(open);
         }
@@ -292,7 +310,7 @@ impl PeerChannel {
             return Ok(open);
         }
         let unavailable = |e: &dyn std::fmt::Display| tonic::Status::unavailable(e.to_string());
-        let sender = match &self.inner.dial {
+        let connection = match &self.inner.dial {
             Dial::Mtls { expected, tls } => {
                 let stream = connect_mtls(self.inner.authority.as_str(), expected, tls)
                     .await
@@ -313,38 +331,85 @@ impl PeerChannel {
                 self.inner.authority
             ))
         })?;
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-        Ok(sender)
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        Ok(connection)
     }
 
-    async fn handshake<T>(&self, io: T) -> hyper::Result<SendRequest<tonic::body::Body>>
+    /// Starts HTTP/2 on `io` and spawns the connection's task: it reads and writes
+    /// the connection and pings the peer, and marks the connection closed when it
+    /// ends (the peer closed it, it broke, or a ping went unanswered).
+    async fn handshake<T>(&self, io: T) -> Result<Connection, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (sender, connection) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(io))
-                .await?;
+        let (sender, mut connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let pings = connection.ping_pong();
+        let closed = Arc::new(AtomicBool::new(false));
         let peer = self.inner.authority.clone();
+        let mark = closed.clone();
         let run = async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "mesh connection closed");
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "mesh connection closed");
+                    }
+                }
+                () = keep_alive(pings) => {
+                    tracing::debug!(%peer, "mesh connection closed: a ping went unanswered");
+                }
             }
+            mark.store(true, Ordering::Release);
         };
         match &self.inner.runtime {
             Some(runtime) => runtime.spawn(run),
             None => tokio::spawn(run),
         };
-        Ok(sender)
+        Ok(Connection { sender, closed })
     }
 }
 
+/// Pings the peer every [`KEEP_ALIVE_INTERVAL`]; returns when a ping is not answered
+/// within [`KEEP_ALIVE_TIMEOUT`].
+async fn keep_alive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// The gRPC status for an HTTP/2 error, as gRPC's HTTP/2 mapping has it: a broken or
+/// closing connection and a refused stream are `UNAVAILABLE` (the call may be tried
+/// again), a cancelled stream is `CANCELLED`.
+fn status_of(e: h2::Error) -> tonic::Status {
+    use h2::Reason;
+    let code = if e.is_io() || e.is_go_away() {
+        tonic::Code::Unavailable
+    } else {
+        match e.reason() {
+            Some(Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
+            Some(Reason::CANCEL) => tonic::Code::Cancelled,
+            Some(Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
+            Some(Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
+            _ => tonic::Code::Internal,
+        }
+    };
+    tonic::Status::new(code, format!("HTTP/2: {e}"))
+}
+
 impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
-    type Response = http::Response<hyper::body::Incoming>;
+    type Response = http::Response<ResponseBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -353,20 +418,185 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+    /// Opens a stream for the request on the caller's task: the request's head and
+    /// whatever of its body is ready (a unary request's whole message, sent with the
+    /// end of the stream) go out without a hand-off to another task; only a body that
+    /// is still streaming continues on a task of its own.
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let (mut head, mut body) = req.into_parts();
         // tonic's requests carry only the path; HTTP/2 needs scheme and authority too.
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(self.inner.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let mut uri = std::mem::take(&mut head.uri).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(self.inner.authority.clone());
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         let channel = self.clone();
         Box::pin(async move {
-            *req.uri_mut() = http::Uri::from_parts(parts)?;
-            let mut sender = channel.connection().await?;
-            Ok(sender.send_request(req).await?)
+            head.uri = http::Uri::from_parts(uri)?;
+            let connection = channel.connection().await?;
+            let mut sender = connection.sender.ready().await.map_err(status_of)?;
+            let end_now = http_body::Body::is_end_stream(&body);
+            let (response, mut stream) = sender
+                .send_request(http::Request::from_parts(head, ()), end_now)
+                .map_err(status_of)?;
+            if !end_now {
+                let finished =
+                    std::future::poll_fn(|cx| Poll::Ready(send_ready(&mut body, &mut stream, cx)))
+                        .await?;
+                if !finished {
+                    let pipe = pipe(body, stream);
+                    match &channel.inner.runtime {
+                        Some(runtime) => runtime.spawn(pipe),
+                        None => tokio::spawn(pipe),
+                    };
+                }
+            }
+            let response = response.await.map_err(status_of)?;
+            Ok(response.map(|recv| ResponseBody {
+                recv,
+                data_done: false,
+            }))
         })
+    }
+}
+
+/// Sends the frames of `body` that are ready now. `Ok(true)` when the body is done
+/// (its last data frame carries the end of the stream), `Ok(false)` when it has more
+/// to come later. The last ready chunk is held back until the next poll says whether
+/// it ends the body, so a unary request is one DATA frame, not a DATA frame and an
+/// empty one.
+fn send_ready(
+    body: &mut tonic::body::Body,
+    stream: &mut h2::SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Result<bool, tonic::Status> {
+    use http_body::Body as _;
+    let mut held: Option<Bytes> = None;
+    loop {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    if let Some(previous) = held.replace(data) {
+                        stream.send_data(previous, false).map_err(status_of)?;
+                    }
+                }
+                Err(frame) => {
+                    if let Some(previous) = held.take() {
+                        stream.send_data(previous, false).map_err(status_of)?;
+                    }
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream.send_trailers(trailers).map_err(status_of)?;
+                        return Ok(true);
+                    }
+                }
+            },
+            Poll::Ready(None) => {
+                stream
+                    .send_data(held.take().unwrap_or_default(), true)
+                    .map_err(status_of)?;
+                return Ok(true);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+            Poll::Pending => {
+                if let Some(previous) = held.take() {
+                    stream.send_data(previous, false).map_err(status_of)?;
+                }
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Sends the rest of a streaming request body, one frame at a time as the stream's
+/// flow-control window allows; resets the stream if the body fails, and stops when
+/// the peer resets it.
+async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream<Bytes>) {
+    use http_body::Body as _;
+    loop {
+        // Wait for room in the window before pulling more from the body, so at most
+        // one frame waits in the connection's buffer.
+        stream.reserve_capacity(1);
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reset) = stream.poll_reset(cx) {
+                return Poll::Ready(Err(reset.ok()));
+            }
+            if stream.capacity() == 0 {
+                match stream.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(_))) => {}
+                    Poll::Ready(None | Some(Err(_))) => return Poll::Ready(Err(None)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Ok)
+        })
+        .await;
+        let sent = match next {
+            Err(_reset_or_closed) => return,
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => stream.send_data(data, false),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        let _ = stream.send_trailers(trailers);
+                        return;
+                    }
+                    Err(_) => Ok(()),
+                },
+            },
+            Ok(None) => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "request body failed: resetting the stream");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// A response's body as it arrives on its HTTP/2 stream: data, then trailers. Each
+/// data frame handed on is given back to the peer's flow-control window.
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(status_of(e)))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(status_of(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 
@@ -455,6 +685,81 @@ mod tests {
         serve(listener, accepted.clone(), stop);
         check(&mut client).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_peers_window_is_sent_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_stop, stop) = tokio::sync::oneshot::channel();
+        serve(listener, Arc::new(AtomicUsize::new(0)), stop);
+        let mut client = HealthClient::new(PeerChannel::plaintext(&addr));
+        // Three times HTTP/2's default 64 KiB window: the rest goes out as the server
+        // grants window. The server reads all of it to answer that it knows no such
+        // service.
+        let service = "s".repeat(200 * 1024);
+        let err = client
+            .check(HealthCheckRequest { service })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_streaming_request_is_sent_as_it_is_produced_and_its_answers_arrive_in_turn() {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(reflection)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = ServerReflectionClient::new(PeerChannel::plaintext(&addr));
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let ask = |request| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        tx.send(ask(MessageRequest::ListServices(String::new())))
+            .await
+            .unwrap();
+        let mut answers = client
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first: ServerReflectionResponse = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("expected the list of services, got {first:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+        // The request stream is still open: a second question, asked only after the
+        // first answer arrived, is sent and answered on the same call.
+        tx.send(ask(MessageRequest::FileContainingSymbol(
+            "grpc.health.v1.Health".into(),
+        )))
+        .await
+        .unwrap();
+        let second = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
+            panic!("expected a file descriptor, got {second:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+
+        // Closing the request stream ends the call cleanly.
+        drop(tx);
+        assert!(answers.message().await.unwrap().is_none());
     }
 
     #[test]
