@@ -1,7 +1,8 @@
 //! Prometheus metrics of a service: the registry behind the admin `/metrics`
 //! endpoint, and the per-RPC tower layer (requests by code, latency, in flight).
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -82,6 +83,55 @@ struct RpcFamilies {
 pub struct RpcMetrics {
     service: &'static str,
     families: RpcFamilies,
+    /// Each method's series, looked up in the families once instead of three times
+    /// per request (each a label set built, hashed and compared under a lock).
+    methods: Arc<RwLock<HashMap<String, Arc<MethodMetrics>>>>,
+}
+
+/// The series of one method that every request touches.
+struct MethodMetrics {
+    labels: MethodLabels,
+    in_flight: Gauge,
+    duration: Histogram,
+    ok: Counter,
+}
+
+/// Methods whose series are kept at hand; requests for more (only a misbehaving
+/// peer calls that many distinct paths) go through the families.
+const METHODS_KEPT: usize = 256;
+
+impl RpcMetrics {
+    /// The series of the method at `path`.
+    fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        let methods = self.methods.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = methods.get(path) {
+            return found.clone();
+        }
+        drop(methods);
+        let labels = MethodLabels {
+            service: self.service,
+            method: path.to_owned(),
+        };
+        let families = &self.families;
+        let found = Arc::new(MethodMetrics {
+            in_flight: families.in_flight.get_or_create(&labels).clone(),
+            duration: families.duration.get_or_create(&labels).clone(),
+            ok: families
+                .requests
+                .get_or_create(&RpcLabels {
+                    service: self.service,
+                    method: path.to_owned(),
+                    code: "OK",
+                })
+                .clone(),
+            labels,
+        });
+        let mut methods = self.methods.write().unwrap_or_else(|p| p.into_inner());
+        if methods.len() < METHODS_KEPT {
+            methods.insert(path.to_owned(), found.clone());
+        }
+        found
+    }
 }
 
 impl RpcMetrics {
@@ -117,7 +167,11 @@ impl RpcMetrics {
                 f
             })
             .clone();
-        Self { service, families }
+        Self {
+            service,
+            families,
+            methods: Arc::default(),
+        }
     }
 }
 
@@ -195,40 +249,84 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
         let metrics = self.metrics.clone();
-        let labels = MethodLabels {
-            service: metrics.service,
-            method,
-        };
-        let gauge = metrics.families.in_flight.get_or_create(&labels).clone();
-        gauge.inc();
+        let method = metrics.method(req.uri().path());
+        method.in_flight.inc();
         let start = Instant::now();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         async move {
             let result = inner.call(req).await;
-            gauge.dec();
-            metrics
-                .families
-                .duration
-                .get_or_create(&labels)
-                .observe(start.elapsed().as_secs_f64());
+            method.in_flight.dec();
+            method.duration.observe(start.elapsed().as_secs_f64());
             let code = match &result {
                 Ok(resp) => code_name(resp.headers()),
                 Err(_) => "UNAVAILABLE",
             };
-            metrics
-                .families
-                .requests
-                .get_or_create(&RpcLabels {
-                    service: labels.service,
-                    method: labels.method.clone(),
-                    code,
-                })
-                .inc();
+            if code == "OK" {
+                method.ok.inc();
+            } else {
+                metrics
+                    .families
+                    .requests
+                    .get_or_create(&RpcLabels {
+                        service: method.labels.service,
+                        method: method.labels.method.clone(),
+                        code,
+                    })
+                    .inc();
+            }
             result
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_method_and_code_and_timed() {
+        let registry = MetricsRegistry::new();
+        let metrics = RpcMetrics::register(&registry, "router");
+        let svc =
+            RpcMetricsLayer::new(metrics).layer(tower::service_fn(|req: Request<()>| async move {
+                let mut resp = Response::new(());
+                if req.uri().path().ends_with("/Missing") {
+                    resp.headers_mut()
+                        .insert("grpc-status", http::HeaderValue::from_static("5"));
+                }
+                Ok::<_, Infallible>(resp)
+            }));
+        for path in ["/p.S/Call", "/p.S/Call", "/p.S/Missing", "/p.S/Call"] {
+            let req = Request::builder().uri(path).body(()).unwrap();
+            svc.clone().oneshot(req).await.unwrap();
+        }
+        let text = registry.encode();
+        let ok = r#"crewmesh_rpc_requests_total{service="router",method="/p.S/Call",code="OK"}"#;
+        assert_eq!(line(&text, ok), Some(&*format!("{ok} 3")), "{text}");
+        let missing = r#"crewmesh_rpc_requests_total{service="router",method="/p.S/Missing",code="NOT_FOUND"}"#;
+        assert_eq!(
+            line(&text, missing),
+            Some(&*format!("{missing} 1")),
+            "{text}"
+        );
+        let count = r#"crewmesh_rpc_duration_seconds_count{service="router",method="/p.S/Call"}"#;
+        assert_eq!(line(&text, count), Some(&*format!("{count} 3")), "{text}");
+        let in_flight = r#"crewmesh_rpc_in_flight{service="router",method="/p.S/Call"}"#;
+        assert_eq!(
+            line(&text, in_flight),
+            Some(&*format!("{in_flight} 0")),
+            "{text}"
+        );
     }
 }
