@@ -1,8 +1,9 @@
 //! What one mesh hop costs: a unary gRPC call (`grpc.health.v1.Health/Check`) over
 //! loopback, measured side by side with raw TCP round trips (64 bytes each way; between
-//! two OS threads with blocking sockets, and between two tokio tasks), over plaintext
-//! HTTP/2 (through tonic's `Channel`) and over the mesh's mTLS transport (through the
-//! mesh's own `transport::PeerChannel`, which has no buffer task), one call at a time.
+//! two OS threads with blocking sockets, and between two tokio tasks), one call at a
+//! time: over plaintext HTTP/2 with tonic's transport (its `Server` and `Channel`),
+//! over mTLS with tonic's transport, and over mTLS with the mesh's own transport
+//! (`http2::serve` and `transport::PeerChannel`, what every crewmesh service uses).
 //!
 //! `cargo bench -p crewmesh-kit --bench grpc_hop` (`-- --calls N`, default 20,000 per
 //! variant; `TOKIO_WORKER_THREADS` sets the runtime's workers, default 2). The variants
@@ -12,10 +13,12 @@
 
 use std::time::{Duration, Instant};
 
+use crewmesh_kit::http2::{GrpcRoutes, serve};
 use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::pki::DevPki;
 use crewmesh_kit::tls::MeshTls;
-use crewmesh_kit::transport::{mesh_channel, mtls_incoming};
+use crewmesh_kit::transport::{connect_mtls, mesh_channel, mtls_incoming};
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::{Channel, Server};
@@ -105,26 +108,68 @@ async fn run(calls: usize, workers: usize) {
         .expect("connect plaintext");
     let mut plain_client = HealthClient::new(plain_channel);
 
-    // The mesh transport: mTLS with SPIFFE identities.
-    let mtls = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mtls_addr = mtls.local_addr().expect("addr");
+    // mTLS with SPIFFE identities, through tonic's transport.
+    let expected = SpiffeId::new("bench.local", "router").expect("id");
+    let tonic_mtls = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tonic_mtls_addr = tonic_mtls.local_addr().expect("addr").to_string();
+    let (svc, tls) = (health.clone(), server_tls.clone());
     tokio::spawn(async move {
         Server::builder()
-            .add_service(health)
-            .serve_with_incoming(mtls_incoming(mtls, server_tls))
+            .add_service(svc)
+            .serve_with_incoming(mtls_incoming(tonic_mtls, tls))
             .await
     });
-    let expected = SpiffeId::new("bench.local", "router").expect("id");
-    let mtls_channel = mesh_channel(&mtls_addr.to_string(), expected, client_tls).expect("channel");
-    let mut mtls_client = HealthClient::new(mtls_channel);
+    let dial = {
+        let (addr, expected, tls) = (
+            tonic_mtls_addr.clone(),
+            expected.clone(),
+            client_tls.clone(),
+        );
+        tower::service_fn(move |_: http::Uri| {
+            let (addr, expected, tls) = (addr.clone(), expected.clone(), tls.clone());
+            async move {
+                connect_mtls(&addr, &expected, &tls)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        })
+    };
+    let tonic_mtls_channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{tonic_mtls_addr}"))
+            .expect("uri")
+            .connect_with_connector(dial)
+            .await
+            .expect("connect mtls");
+    let mut tonic_mtls_client = HealthClient::new(tonic_mtls_channel);
+
+    // The mesh transport: the same mTLS, served by `http2::serve`, called through
+    // `PeerChannel`.
+    let mesh = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mesh_addr = mesh.local_addr().expect("addr");
+    let mut routes = GrpcRoutes::default();
+    routes.add(
+        "grpc.health.v1.Health",
+        tower::util::BoxCloneSyncService::new(health),
+    );
+    let incoming = mtls_incoming(mesh, server_tls).filter_map(|accepted| {
+        std::future::ready(accepted.ok().map(|conn| {
+            let peer = conn.peer().clone();
+            (conn, peer)
+        }))
+    });
+    let (_running, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(serve(incoming, routes, stop));
+    let mesh_channel = mesh_channel(&mesh_addr.to_string(), expected, client_tls).expect("channel");
+    let mut mesh_client = HealthClient::new(mesh_channel);
 
     let names = [
         "tcp echo, two threads",
         "tcp echo, two tasks",
-        "grpc plaintext",
-        "grpc mtls",
+        "grpc plaintext, tonic",
+        "grpc mtls, tonic",
+        "grpc mtls, mesh transport",
     ];
-    let mut samples: [Vec<Duration>; 4] = Default::default();
+    let mut samples: [Vec<Duration>; 5] = Default::default();
     // Round 0 warms up; then the variants alternate in rounds. This loop runs on the
     // thread that called `block_on`, not on a worker, so the blocking echo is fine here.
     for round in 0..(calls / ROUND + 1) {
@@ -149,8 +194,14 @@ async fn run(calls: usize, workers: usize) {
                             .await
                             .expect("check");
                     }
+                    3 => {
+                        tonic_mtls_client
+                            .check(HealthCheckRequest::default())
+                            .await
+                            .expect("check");
+                    }
                     _ => {
-                        mtls_client
+                        mesh_client
                             .check(HealthCheckRequest::default())
                             .await
                             .expect("check");

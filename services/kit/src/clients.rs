@@ -1,6 +1,7 @@
 //! Clients every service uses to reach the mesh: typed gRPC clients over mTLS
 //! channels, and the asynchronous audit and usage clients.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crewmesh_proto::audit::v1 as audit;
@@ -172,7 +173,8 @@ pub fn details_json<T: serde::Serialize>(details: &T) -> String {
 #[derive(Clone)]
 pub struct AuditClient {
     sender: Sender<audit::EventInput>,
-    service: SpiffeId,
+    /// The recording service's identity URI, written into every event's actor.
+    service: Arc<str>,
     /// For appends that wait for the acknowledgement.
     client: AuditServiceClient<MeshChannel>,
 }
@@ -262,7 +264,7 @@ impl AuditClient {
         let batcher = Batcher::spawn("audit", config, append_fn(client.clone()));
         Self {
             sender: Sender::Memory(batcher),
-            service,
+            service: service.uri().into(),
             client,
         }
     }
@@ -281,7 +283,7 @@ impl AuditClient {
             SpoolBatcher::open("audit", config, spool, metrics, append_fn(client.clone()))?;
         Ok(Self {
             sender: Sender::Spool(batcher),
-            service,
+            service: service.uri().into(),
             client,
         })
     }
@@ -332,7 +334,7 @@ impl AuditClient {
         }
         let actor = event.actor.get_or_insert_with(Default::default);
         if actor.service.is_empty() {
-            actor.service = self.service.uri();
+            actor.service = self.service.to_string();
         }
         if event.trace_id.is_empty() {
             event.trace_id = crate::telemetry::current_trace_id();

@@ -21,6 +21,7 @@ pub mod batch;
 pub mod clients;
 pub mod config_cache;
 pub mod flags;
+pub mod http2;
 pub mod identity;
 pub mod membership;
 pub mod mesh;

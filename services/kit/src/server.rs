@@ -7,16 +7,18 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::StreamExt;
 use http::{Request, Response};
 use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
 use tonic_health::server::HealthReporter;
 use tower::Service as TowerService;
+use tower::util::BoxCloneSyncService;
 
 use crate::admin::{self, Readiness};
 use crate::authz::AuthzLayer;
+use crate::http2::GrpcRoutes;
 use crate::mesh::Service;
 use crate::observe::{MetricsRegistry, RpcMetrics, RpcMetricsLayer};
 use crate::settings::CommonConfig;
@@ -32,7 +34,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
+    Grpc(tokio::task::JoinError),
     #[error("admin server failed: {0}")]
     Admin(std::io::Error),
     #[error("service {0} has no gRPC address configured")]
@@ -47,7 +49,7 @@ pub struct MeshServer {
     grpc: TcpListener,
     admin: TcpListener,
     grace: Duration,
-    routes: RoutesBuilder,
+    routes: GrpcRoutes,
     readiness: Readiness,
     metrics: MetricsRegistry,
     admin_routes: axum::Router,
@@ -80,7 +82,7 @@ impl MeshServer {
             grpc,
             admin,
             grace: common.server.grace(),
-            routes: RoutesBuilder::default(),
+            routes: GrpcRoutes::default(),
             readiness: Readiness::new(),
             metrics,
             admin_routes: axum::Router::new(),
@@ -118,7 +120,7 @@ impl MeshServer {
             + 'static,
         S::Future: Send + 'static,
     {
-        self.routes.add_service(svc);
+        self.routes.add(S::NAME, BoxCloneSyncService::new(svc));
     }
 
     /// Extra admin HTTP routes (merged into `/healthz`, `/readyz`, `/metrics`).
@@ -152,9 +154,9 @@ impl MeshServer {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("the compiled descriptor set is valid");
-        self.routes.add_service(health_service);
-        self.routes.add_service(reflection_v1);
-        self.routes.add_service(reflection_v1alpha);
+        self.add_service(health_service);
+        self.add_service(reflection_v1);
+        self.add_service(reflection_v1alpha);
 
         let rpc_metrics = RpcMetrics::register(&self.metrics, self.service.name());
         // Outermost first:
@@ -172,16 +174,16 @@ impl MeshServer {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
 
-        let incoming = crate::transport::mtls_incoming(self.grpc, self.tls.clone());
-        let grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_concurrent_streams(Some(1024))
-            .http2_max_header_list_size(Some(64 * 1024))
-            .layer(layers)
-            .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
-        let grpc = tokio::spawn(grpc);
+        let incoming =
+            crate::transport::mtls_incoming(self.grpc, self.tls.clone()).filter_map(|accepted| {
+                std::future::ready(accepted.ok().map(|conn| {
+                    let peer = conn.peer().clone();
+                    (conn, peer)
+                }))
+            });
+        let service = layers.service(std::mem::take(&mut self.routes));
+        let grpc = crate::http2::serve(incoming, service, stop_rx.clone());
+        let mut grpc = tokio::spawn(grpc);
 
         let admin_router =
             admin::router(self.readiness.clone(), self.metrics.clone()).merge(self.admin_routes);
@@ -205,24 +207,27 @@ impl MeshServer {
         let _ = stop_tx.send(true);
 
         let drained = tokio::time::timeout(self.grace, async {
-            let g = grpc.await;
+            let g = (&mut grpc).await;
             let a = admin.await;
             (g, a)
         })
         .await;
         match drained {
             Ok((g, a)) => {
-                if let Ok(Err(e)) = g {
+                if let Err(e) = g {
                     return Err(ServerError::Grpc(e));
                 }
                 if let Ok(Err(e)) = a {
                     return Err(ServerError::Admin(e));
                 }
             }
-            Err(_) => tracing::warn!(
-                service = self.service.name(),
-                "grace period elapsed; closing remaining connections"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    service = self.service.name(),
+                    "grace period elapsed; closing remaining connections"
+                );
+                grpc.abort();
+            }
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 
+use crate::http2::{RecvBody, keep_alive, pipe, send_ready, status_of};
 use crate::identity::{PeerInfo, SpiffeId, spiffe_id_from_cert};
 use crate::tls::MeshTls;
 
@@ -28,6 +29,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct MeshConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+}
+
+impl MeshConnection {
+    /// Who is on the other end, as the TLS handshake proved.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.info
+    }
 }
 
 impl Connected for MeshConnection {
@@ -254,10 +262,6 @@ impl std::fmt::Debug for PeerChannel {
     }
 }
 
-/// How often the connection is pinged, and how long a ping may go unanswered before
-/// the connection counts as broken and is closed.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control windows for what the peer sends (hyper's defaults for HTTP/2
 /// clients), so that large responses and streams do not wait on window updates.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -374,42 +378,8 @@ impl PeerChannel {
     }
 }
 
-/// Pings the peer every [`KEEP_ALIVE_INTERVAL`]; returns when a ping is not answered
-/// within [`KEEP_ALIVE_TIMEOUT`].
-async fn keep_alive(pings: Option<h2::PingPong>) {
-    let Some(mut pings) = pings else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return,
-        }
-    }
-}
-
-/// The gRPC status for an HTTP/2 error, as gRPC's HTTP/2 mapping has it: a broken or
-/// closing connection and a refused stream are `UNAVAILABLE` (the call may be tried
-/// again), a cancelled stream is `CANCELLED`.
-fn status_of(e: h2::Error) -> tonic::Status {
-    use h2::Reason;
-    let code = if e.is_io() || e.is_go_away() {
-        tonic::Code::Unavailable
-    } else {
-        match e.reason() {
-            Some(Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
-            Some(Reason::CANCEL) => tonic::Code::Cancelled,
-            Some(Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
-            Some(Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
-            _ => tonic::Code::Internal,
-        }
-    };
-    tonic::Status::new(code, format!("HTTP/2: {e}"))
-}
-
 impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
-    type Response = http::Response<ResponseBody>;
+    type Response = http::Response<RecvBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -453,150 +423,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
                 }
             }
             let response = response.await.map_err(status_of)?;
-            Ok(response.map(|recv| ResponseBody {
-                recv,
-                data_done: false,
-            }))
+            Ok(response.map(RecvBody::new))
         })
-    }
-}
-
-/// Sends the frames of `body` that are ready now. `Ok(true)` when the body is done
-/// (its last data frame carries the end of the stream), `Ok(false)` when it has more
-/// to come later. The last ready chunk is held back until the next poll says whether
-/// it ends the body, so a unary request is one DATA frame, not a DATA frame and an
-/// empty one.
-fn send_ready(
-    body: &mut tonic::body::Body,
-    stream: &mut h2::SendStream<Bytes>,
-    cx: &mut Context<'_>,
-) -> Result<bool, tonic::Status> {
-    use http_body::Body as _;
-    let mut held: Option<Bytes> = None;
-    loop {
-        match Pin::new(&mut *body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) => {
-                    if let Some(previous) = held.replace(data) {
-                        stream.send_data(previous, false).map_err(status_of)?;
-                    }
-                }
-                Err(frame) => {
-                    if let Some(previous) = held.take() {
-                        stream.send_data(previous, false).map_err(status_of)?;
-                    }
-                    if let Ok(trailers) = frame.into_trailers() {
-                        stream.send_trailers(trailers).map_err(status_of)?;
-                        return Ok(true);
-                    }
-                }
-            },
-            Poll::Ready(None) => {
-                stream
-                    .send_data(held.take().unwrap_or_default(), true)
-                    .map_err(status_of)?;
-                return Ok(true);
-            }
-            Poll::Ready(Some(Err(e))) => {
-                stream.send_reset(h2::Reason::CANCEL);
-                return Err(e);
-            }
-            Poll::Pending => {
-                if let Some(previous) = held.take() {
-                    stream.send_data(previous, false).map_err(status_of)?;
-                }
-                return Ok(false);
-            }
-        }
-    }
-}
-
-/// Sends the rest of a streaming request body, one frame at a time as the stream's
-/// flow-control window allows; resets the stream if the body fails, and stops when
-/// the peer resets it.
-async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream<Bytes>) {
-    use http_body::Body as _;
-    loop {
-        // Wait for room in the window before pulling more from the body, so at most
-        // one frame waits in the connection's buffer.
-        stream.reserve_capacity(1);
-        let next = std::future::poll_fn(|cx| {
-            if let Poll::Ready(reset) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reset.ok()));
-            }
-            if stream.capacity() == 0 {
-                match stream.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(_))) => {}
-                    Poll::Ready(None | Some(Err(_))) => return Poll::Ready(Err(None)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Ok)
-        })
-        .await;
-        let sent = match next {
-            Err(_reset_or_closed) => return,
-            Ok(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => stream.send_data(data, false),
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => {
-                        let _ = stream.send_trailers(trailers);
-                        return;
-                    }
-                    Err(_) => Ok(()),
-                },
-            },
-            Ok(None) => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Ok(Some(Err(e))) => {
-                tracing::debug!(error = %e, "request body failed: resetting the stream");
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-        };
-        if sent.is_err() {
-            return;
-        }
-    }
-}
-
-/// A response's body as it arrives on its HTTP/2 stream: data, then trailers. Each
-/// data frame handed on is given back to the peer's flow-control window.
-pub struct ResponseBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        if !self.data_done {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(status_of(e)))),
-                None => self.data_done = true,
-            }
-        }
-        match std::task::ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(status_of(e)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
     }
 }
 
