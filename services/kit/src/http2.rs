@@ -56,18 +56,20 @@ pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) {
 /// again), a cancelled stream is `CANCELLED`.
 pub(crate) fn status_of(e: h2::Error) -> tonic::Status {
     use h2::Reason;
-    let code = if e.is_io() || e.is_go_away() {
-        tonic::Code::Unavailable
-    } else {
-        match e.reason() {
-            Some(Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
-            Some(Reason::CANCEL) => tonic::Code::Cancelled,
-            Some(Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
-            Some(Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
-            _ => tonic::Code::Internal,
-        }
+    if e.is_io() {
+        return tonic::Status::unavailable(format!("the connection failed: {e}"));
+    }
+    if e.is_go_away() {
+        return tonic::Status::unavailable(format!("the peer closed the connection: {e}"));
+    }
+    let code = match e.reason() {
+        Some(Reason::REFUSED_STREAM) => tonic::Code::Unavailable,
+        Some(Reason::CANCEL) => tonic::Code::Cancelled,
+        Some(Reason::ENHANCE_YOUR_CALM) => tonic::Code::ResourceExhausted,
+        Some(Reason::INADEQUATE_SECURITY) => tonic::Code::PermissionDenied,
+        _ => tonic::Code::Internal,
     };
-    tonic::Status::new(code, format!("HTTP/2: {e}"))
+    tonic::Status::new(code, format!("HTTP/2 stream error: {e}"))
 }
 
 /// Sends the frames of `body` that are ready now. `Ok(true)` when the body is done
