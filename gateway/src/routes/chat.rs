@@ -35,7 +35,7 @@ pub async fn completions(
         );
     }
     let simulated = resp.call.as_ref().is_some_and(|c| c.simulated);
-    let mut out = Json(response_from_proto(&resp)).into_response();
+    let mut out = json_response(&response_from_proto(&resp))?;
     if let Some(call) = &resp.call {
         let h = out.headers_mut();
         if let Ok(v) = call.deployment.parse() {
@@ -52,6 +52,22 @@ pub async fn completions(
         );
     }
     Ok(out)
+}
+
+/// `value` as an `application/json` response, serialised into one buffer sized for a
+/// typical completion (axum's `Json` starts at 128 bytes and grows several times).
+fn json_response<T: serde::Serialize>(value: &T) -> Result<Response, Problem> {
+    let mut body = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut body, value).map_err(|e| {
+        Problem::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            format!("cannot encode the response: {e}"),
+        )
+    })?;
+    let json = axum::http::HeaderValue::from_static("application/json");
+    Ok(([(axum::http::header::CONTENT_TYPE, json)], body).into_response())
 }
 
 pub async fn models(

@@ -803,7 +803,8 @@ fn request_id_of(req: &pb::CompleteRequest) -> String {
 
 #[tonic::async_trait]
 impl pb::router_service_server::RouterService for RouterService {
-    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    // No span of its own: the server's per-call span (`rpc`, with the trace id) covers
+    // it, and every log line below names the deployment (`<tenant>/<alias>/<name>`).
     async fn complete(
         &self,
         request: Request<pb::CompleteRequest>,
@@ -823,7 +824,6 @@ impl pb::router_service_server::RouterService for RouterService {
     type StreamCompleteStream =
         futures::stream::BoxStream<'static, Result<pb::StreamCompleteResponse, Status>>;
 
-    #[tracing::instrument(skip_all)]
     async fn stream_complete(
         &self,
         request: Request<pb::StreamCompleteRequest>,
