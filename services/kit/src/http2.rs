@@ -269,6 +269,32 @@ impl tower::Service<Request<Body>> for GrpcRoutes {
     }
 }
 
+/// What [`serve`] serves: a server's whole gRPC service stack (its layers around its
+/// [`GrpcRoutes`]), cloned for each connection and each call.
+pub trait GrpcStack:
+    tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> GrpcStack for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves `service` on every connection `incoming` yields (with the identity its TLS
 /// handshake proved) until `stop` turns true; then stops accepting, tells every
 /// connection's client to open no new streams (HTTP/2 GOAWAY) and returns once the
@@ -277,11 +303,7 @@ pub async fn serve<I, T, S>(incoming: I, service: S, mut stop: tokio::sync::watc
 where
     I: Stream<Item = (T, PeerInfo)> + Unpin,
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: GrpcStack,
 {
     let mut incoming = incoming;
     let mut connections = tokio::task::JoinSet::new();
@@ -311,11 +333,7 @@ async fn serve_connection<T, S>(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: GrpcStack,
 {
     let remote = peer.remote_addr;
     let handshake = h2::server::Builder::new()
@@ -512,37 +530,45 @@ mod tests {
         assert_eq!(answer.into_inner().status, 1, "SERVING");
 
         // The request reached the service with the connection's peer attached.
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
-        grpc.ready().await.unwrap();
-        let err = grpc
-            .unary::<(), (), _>(
-                tonic::Request::new(()),
-                http::uri::PathAndQuery::from_static("/peer.Echo/Who"),
-                NoMessages,
-            )
-            .await
-            .unwrap_err();
+        let err = call(&channel, "/peer.Echo/Who").await;
         assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
         assert!(err.message().starts_with("Some(127.0.0.1:"), "{err:?}");
 
         // A service the server does not have.
-        let err = grpc
-            .unary::<(), (), _>(
-                tonic::Request::new(()),
-                http::uri::PathAndQuery::from_static("/nobody.Here/Call"),
-                NoMessages,
-            )
-            .await
-            .unwrap_err();
+        let err = call(&channel, "/nobody.Here/Call").await;
         assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    }
+
+    /// Calls `path` without a message; the status the call ends with.
+    async fn call(channel: &PeerChannel, path: &'static str) -> tonic::Status {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(path);
+        grpc.unary::<(), (), _>(tonic::Request::new(()), path, NoMessages)
+            .await
+            .unwrap_err()
+    }
+
+    /// A server whose health service answers after `delay` (see [`slow`]), and the flag
+    /// that says whether a call was abandoned.
+    async fn start_slow(
+        delay: Duration,
+    ) -> (
+        String,
+        Arc<AtomicBool>,
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut routes = GrpcRoutes::default();
+        routes.add(HEALTH, slow(delay, dropped.clone()));
+        let (addr, stop, server) = start(routes).await;
+        (addr, dropped, stop, server)
     }
 
     #[tokio::test]
     async fn a_call_past_the_callers_deadline_is_answered_deadline_exceeded_and_dropped() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut routes = GrpcRoutes::default();
-        routes.add(HEALTH, slow(Duration::from_secs(30), dropped.clone()));
-        let (addr, _stop, _server) = start(routes).await;
+        let (addr, dropped, _stop, _server) = start_slow(Duration::from_secs(30)).await;
         let mut health = HealthClient::new(PeerChannel::plaintext(&addr));
         let mut request = tonic::Request::new(HealthCheckRequest::default());
         request.set_timeout(Duration::from_millis(100));
@@ -553,10 +579,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_whose_client_gives_up_is_cancelled_on_the_server() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut routes = GrpcRoutes::default();
-        routes.add(HEALTH, slow(Duration::from_secs(30), dropped.clone()));
-        let (addr, _stop, _server) = start(routes).await;
+        let (addr, dropped, _stop, _server) = start_slow(Duration::from_secs(30)).await;
         let mut health = HealthClient::new(PeerChannel::plaintext(&addr));
         // No deadline sent: the client just stops waiting, which resets the stream.
         let call = health.check(HealthCheckRequest::default());
@@ -576,10 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn stopping_lets_calls_in_flight_finish_and_then_closes() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let mut routes = GrpcRoutes::default();
-        routes.add(HEALTH, slow(Duration::from_millis(300), dropped.clone()));
-        let (addr, stop, server) = start(routes).await;
+        let (addr, dropped, stop, server) = start_slow(Duration::from_millis(300)).await;
         let channel = PeerChannel::plaintext(&addr);
         let mut health = HealthClient::new(channel.clone());
         let in_flight =
