@@ -17,8 +17,7 @@ use crewmesh_kit::http2::{GrpcRoutes, serve};
 use crewmesh_kit::identity::SpiffeId;
 use crewmesh_kit::pki::DevPki;
 use crewmesh_kit::tls::MeshTls;
-use crewmesh_kit::transport::{connect_mtls, mesh_channel, mtls_incoming};
-use futures::StreamExt;
+use crewmesh_kit::transport::{connect_mtls, mesh_channel, mesh_incoming, mtls_incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::{Channel, Server};
@@ -151,12 +150,7 @@ async fn run(calls: usize, workers: usize) {
         "grpc.health.v1.Health",
         tower::util::BoxCloneSyncService::new(health),
     );
-    let incoming = mtls_incoming(mesh, server_tls).filter_map(|accepted| {
-        std::future::ready(accepted.ok().map(|conn| {
-            let peer = conn.peer().clone();
-            (conn, peer)
-        }))
-    });
+    let incoming = mesh_incoming(mesh, server_tls);
     let (_running, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(serve(incoming, routes, stop));
     let mesh_channel = mesh_channel(&mesh_addr.to_string(), expected, client_tls).expect("channel");

@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::StreamExt;
 use http::{Request, Response};
 use tokio::net::TcpListener;
 use tonic::body::Body;
@@ -174,13 +173,7 @@ impl MeshServer {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
 
-        let incoming =
-            crate::transport::mtls_incoming(self.grpc, self.tls.clone()).filter_map(|accepted| {
-                std::future::ready(accepted.ok().map(|conn| {
-                    let peer = conn.peer().clone();
-                    (conn, peer)
-                }))
-            });
+        let incoming = crate::transport::mesh_incoming(self.grpc, self.tls.clone());
         let service = layers.service(std::mem::take(&mut self.routes));
         let grpc = crate::http2::serve(incoming, service, stop_rx.clone());
         let mut grpc = tokio::spawn(grpc);

@@ -31,13 +31,6 @@ pub struct MeshConnection {
     info: PeerInfo,
 }
 
-impl MeshConnection {
-    /// Who is on the other end, as the TLS handshake proved.
-    pub fn peer(&self) -> &PeerInfo {
-        &self.info
-    }
-}
-
 impl Connected for MeshConnection {
     type ConnectInfo = PeerInfo;
 
@@ -137,6 +130,21 @@ pub fn mtls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// [`mtls_incoming`] as [`crate::http2::serve`] takes it: each accepted connection with
+/// the identity its handshake proved.
+pub fn mesh_incoming(
+    listener: TcpListener,
+    tls: MeshTls,
+) -> impl futures::Stream<Item = (MeshConnection, PeerInfo)> + Unpin {
+    use futures::StreamExt;
+    mtls_incoming(listener, tls).filter_map(|accepted| {
+        std::future::ready(accepted.ok().map(|conn| {
+            let peer = conn.info.clone();
+            (conn, peer)
+        }))
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
