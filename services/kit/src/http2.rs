@@ -473,6 +473,18 @@ mod tests {
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        let (stop, server) = serve_on(listener, routes);
+        (addr, stop, server)
+    }
+
+    /// Serves `routes` on `listener` (plaintext) until the returned sender says stop.
+    fn serve_on(
+        listener: TcpListener,
+        routes: GrpcRoutes,
+    ) -> (
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|tcp| {
             std::future::ready(tcp.ok().map(|tcp| {
                 let peer = PeerInfo {
@@ -484,7 +496,7 @@ mod tests {
         });
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(serve(Box::pin(incoming), routes, stopped));
-        (addr, stop, server)
+        (stop, server)
     }
 
     /// A health service that answers every call with `status` after `delay`, and sets
@@ -622,6 +634,50 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_server_restarts_calls_the_new_one_while_the_old_one_drains() {
+        let (addr, _dropped, stop, old) = start_slow(Duration::from_millis(500)).await;
+        let channel = PeerChannel::plaintext(&addr);
+        let mut slow_client = HealthClient::new(channel.clone());
+        let in_flight =
+            tokio::spawn(async move { slow_client.check(HealthCheckRequest::default()).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // The old server stops: it sends GOAWAY but keeps the connection open for the
+        // call in flight. A new one takes the port.
+        stop.send(true).unwrap();
+        let mut listener = None;
+        for _ in 0..50 {
+            match TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let listener = listener.expect("the old server released its port");
+        let mut routes = GrpcRoutes::default();
+        let (_, health) = tonic_health::server::health_reporter();
+        routes.add(HEALTH, BoxCloneSyncService::new(health));
+        let (_stop_new, _new) = serve_on(listener, routes);
+
+        // A new call goes to the new server, not to the connection that is going away.
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(answer.into_inner().status, 1, "SERVING");
+
+        // The old server still answers its call in flight, then ends.
+        let err = in_flight.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old server drains")
+            .unwrap();
     }
 
     #[test]

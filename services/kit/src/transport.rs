@@ -347,6 +347,23 @@ impl PeerChannel {
         Ok(connection)
     }
 
+    /// A handle ready to open a stream: on the open connection or, when that one is
+    /// going away (the peer sent GOAWAY, say on a restart, or it broke before its task
+    /// noticed), on a newly dialled one. Nothing of the call has been sent yet, so the
+    /// new connection is safe to use.
+    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, tonic::Status> {
+        let connection = self.connection().await?;
+        match connection.sender.clone().ready().await {
+            Ok(sender) => Ok(sender),
+            Err(e) => {
+                tracing::debug!(peer = %self.inner.authority, error = %e, "mesh connection going away: dialling again");
+                connection.closed.store(true, Ordering::Release);
+                let connection = self.connection().await?;
+                connection.sender.ready().await.map_err(status_of)
+            }
+        }
+    }
+
     /// Starts HTTP/2 on `io` and spawns the connection's task: it reads and writes
     /// the connection and pings the peer, and marks the connection closed when it
     /// ends (the peer closed it, it broke, or a ping went unanswered).
@@ -412,8 +429,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
         let channel = self.clone();
         Box::pin(async move {
             head.uri = http::Uri::from_parts(uri)?;
-            let connection = channel.connection().await?;
-            let mut sender = connection.sender.ready().await.map_err(status_of)?;
+            let mut sender = channel.ready_sender().await?;
             let end_now = http_body::Body::is_end_stream(&body);
             let (response, mut stream) = sender
                 .send_request(http::Request::from_parts(head, ()), end_now)
