@@ -72,11 +72,12 @@ pub(crate) fn status_of(e: h2::Error) -> tonic::Status {
     tonic::Status::new(code, format!("HTTP/2 stream error: {e}"))
 }
 
-/// Sends the frames of `body` that are ready now. `Ok(true)` when the body is done
-/// (its last data frame carries the end of the stream), `Ok(false)` when it has more
-/// to come later. The last ready chunk is held back until the next poll says whether
-/// it ends the body, so a unary request is one DATA frame, not a DATA frame and an
-/// empty one.
+/// Sends what of `body` is ready now, without waiting for flow control: `Ok(true)`
+/// when the body is done (its last data frame carries the end of the stream),
+/// `Ok(false)` when it has more to come, which [`pipe`] then sends as the window
+/// allows. A ready chunk is held back until the next poll says whether it ends the
+/// body, so a unary message is one DATA frame, not a DATA frame and an empty one; a
+/// second ready chunk marks a stream, and at most two chunks go out here.
 pub(crate) fn send_ready(
     body: &mut tonic::body::Body,
     stream: &mut h2::SendStream<Bytes>,
@@ -89,9 +90,12 @@ pub(crate) fn send_ready(
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) if data.is_empty() => {}
                 Ok(data) => {
-                    if let Some(previous) = held.replace(data) {
+                    if let Some(previous) = held.take() {
                         stream.send_data(previous, false).map_err(status_of)?;
+                        stream.send_data(data, false).map_err(status_of)?;
+                        return Ok(false);
                     }
+                    held = Some(data);
                 }
                 Err(frame) => {
                     if let Some(previous) = held.take() {
@@ -123,7 +127,7 @@ pub(crate) fn send_ready(
     }
 }
 
-/// Sends the rest of a streaming request body, one frame at a time as the stream's
+/// Sends the rest of a streaming body (a request's or a response's), one frame at a time as the stream's
 /// flow-control window allows; resets the stream if the body fails, and stops when
 /// the peer resets it.
 pub(crate) async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream<Bytes>) {
@@ -556,7 +560,7 @@ mod tests {
         let mut grpc = tonic::client::Grpc::new(channel.clone());
         grpc.ready().await.unwrap();
         let path = http::uri::PathAndQuery::from_static(path);
-        grpc.unary::<(), (), _>(tonic::Request::new(()), path, NoMessages)
+        grpc.unary::<(), Vec<u8>, _>(tonic::Request::new(()), path, NoMessages)
             .await
             .unwrap_err()
     }
@@ -680,6 +684,63 @@ mod tests {
             .unwrap();
     }
 
+    #[tokio::test]
+    async fn a_streamed_answer_larger_than_every_window_arrives_whole_and_in_order() {
+        const MESSAGES: usize = 600;
+        const SIZE: usize = 16 * 1024;
+        // Every message is ready at once: the server must pace them by the client's
+        // windows (2 MiB per stream, 5 MiB per connection) rather than queue ~10 MiB.
+        let mut routes = GrpcRoutes::default();
+        routes.add(
+            "bulk.Stream",
+            BoxCloneSyncService::new(tower::service_fn(|_req: Request<Body>| async move {
+                let frames = (0..MESSAGES)
+                    .map(|i| {
+                        let mut message = vec![(i % 251) as u8; 5 + SIZE];
+                        message[0] = 0;
+                        message[1..5].copy_from_slice(&(SIZE as u32).to_be_bytes());
+                        Ok::<_, tonic::Status>(http_body::Frame::data(Bytes::from(message)))
+                    })
+                    .chain(std::iter::once(Ok(http_body::Frame::trailers({
+                        let mut t = HeaderMap::new();
+                        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        t
+                    }))));
+                let body = Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                    frames,
+                )));
+                let mut response = Response::new(body);
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                Ok::<_, Infallible>(response)
+            })),
+        );
+        let (addr, _stop, _server) = start(routes).await;
+        let mut grpc = tonic::client::Grpc::new(PeerChannel::plaintext(&addr));
+        grpc.ready().await.unwrap();
+        let mut answers = grpc
+            .server_streaming::<(), Vec<u8>, _>(
+                tonic::Request::new(()),
+                http::uri::PathAndQuery::from_static("/bulk.Stream/All"),
+                NoMessages,
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = 0;
+        while let Some(message) = answers.message().await.unwrap() {
+            assert_eq!(message.len(), SIZE);
+            assert!(
+                message.iter().all(|&b| b == (seen % 251) as u8),
+                "message {seen}"
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, MESSAGES);
+    }
+
     #[test]
     fn grpc_timeouts_are_read_in_every_unit_and_malformed_ones_ignored() {
         let timeout = |v: &'static str| {
@@ -702,13 +763,13 @@ mod tests {
         assert_eq!(grpc_timeout(&HeaderMap::new()), None);
     }
 
-    /// A codec for calls without messages (the test services answer with a status).
+    /// A codec that sends no request message and takes answers as raw bytes.
     #[derive(Default)]
     struct NoMessages;
 
     impl tonic::codec::Codec for NoMessages {
         type Encode = ();
-        type Decode = ();
+        type Decode = Vec<u8>;
         type Encoder = NoMessages;
         type Decoder = NoMessages;
         fn encoder(&mut self) -> Self::Encoder {
@@ -732,13 +793,14 @@ mod tests {
     }
 
     impl tonic::codec::Decoder for NoMessages {
-        type Item = ();
+        type Item = Vec<u8>;
         type Error = tonic::Status;
         fn decode(
             &mut self,
-            _: &mut tonic::codec::DecodeBuf<'_>,
-        ) -> Result<Option<()>, tonic::Status> {
-            Ok(Some(()))
+            buf: &mut tonic::codec::DecodeBuf<'_>,
+        ) -> Result<Option<Vec<u8>>, tonic::Status> {
+            use bytes::Buf;
+            Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
         }
     }
 }
