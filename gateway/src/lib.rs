@@ -252,8 +252,9 @@ async fn observe(
     next: impl AsyncFnOnce(Request) -> Response,
 ) -> Response {
     let id = request_id(req.headers());
-    if let Ok(v) = id.parse() {
-        req.headers_mut().insert("x-request-id", v);
+    let id_header = id.parse::<axum::http::HeaderValue>().ok();
+    if let Some(v) = &id_header {
+        req.headers_mut().insert("x-request-id", v.clone());
     }
     req.extensions_mut().insert(RequestId(id.clone()));
     let route = req
@@ -275,7 +276,7 @@ async fn observe(
     let mut resp = next(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("status", status);
-    if let Ok(v) = id.parse() {
+    if let Some(v) = id_header {
         resp.headers_mut().insert("x-request-id", v);
     }
     let labels = HttpLabels {

@@ -58,14 +58,8 @@ pub async fn completions(
 /// typical completion (axum's `Json` starts at 128 bytes and grows several times).
 fn json_response<T: serde::Serialize>(value: &T) -> Result<Response, Problem> {
     let mut body = Vec::with_capacity(1024);
-    serde_json::to_writer(&mut body, value).map_err(|e| {
-        Problem::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "Internal error",
-            format!("cannot encode the response: {e}"),
-        )
-    })?;
+    serde_json::to_writer(&mut body, value)
+        .map_err(|e| Problem::internal(format!("cannot encode the response: {e}")))?;
     let json = axum::http::HeaderValue::from_static("application/json");
     Ok(([(axum::http::header::CONTENT_TYPE, json)], body).into_response())
 }

@@ -334,7 +334,7 @@ impl AuditClient {
         }
         let actor = event.actor.get_or_insert_with(Default::default);
         if actor.service.is_empty() {
-            actor.service = self.service.to_string();
+            actor.service = String::from(&*self.service);
         }
         if event.trace_id.is_empty() {
             event.trace_id = crate::telemetry::current_trace_id();

@@ -30,8 +30,8 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one client may have open on a server connection at a time.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Largest request header block a server accepts.
-const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Largest header block accepted: a server's requests, a client's responses.
+pub(crate) const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Flow-control windows of a server for what clients send (hyper's server defaults).
 const SERVER_STREAM_WINDOW: u32 = 1024 * 1024;
 const SERVER_CONNECTION_WINDOW: u32 = 1024 * 1024;
@@ -167,7 +167,7 @@ pub(crate) async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream
                 return;
             }
             Ok(Some(Err(e))) => {
-                tracing::debug!(error = %e, "request body failed: resetting the stream");
+                tracing::debug!(error = %e, "body failed: resetting the stream");
                 stream.send_reset(h2::Reason::INTERNAL_ERROR);
                 return;
             }
@@ -303,13 +303,15 @@ impl<S> GrpcStack for S where
 /// handshake proved) until `stop` turns true; then stops accepting, tells every
 /// connection's client to open no new streams (HTTP/2 GOAWAY) and returns once the
 /// streams in flight have finished.
-pub async fn serve<I, T, S>(incoming: I, service: S, mut stop: tokio::sync::watch::Receiver<bool>)
-where
+pub async fn serve<I, T, S>(
+    mut incoming: I,
+    service: S,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
     I: Stream<Item = (T, PeerInfo)> + Unpin,
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: GrpcStack,
 {
-    let mut incoming = incoming;
     let mut connections = tokio::task::JoinSet::new();
     let for_connections = stop.clone();
     loop {
@@ -458,8 +460,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use tokio::net::TcpListener;
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
     use super::*;
     use crate::transport::PeerChannel;
@@ -613,15 +615,31 @@ mod tests {
         panic!("the server kept running a call its client had abandoned");
     }
 
-    #[tokio::test]
-    async fn stopping_lets_calls_in_flight_finish_and_then_closes() {
-        let (addr, dropped, stop, server) = start_slow(Duration::from_millis(300)).await;
+    /// A server whose calls take `delay`, told to stop 100 ms into a call: the server's
+    /// address, a channel to it, whether the call was abandoned, the call, and the server.
+    async fn stop_during_a_call(
+        delay: Duration,
+    ) -> (
+        String,
+        PeerChannel,
+        Arc<AtomicBool>,
+        tokio::task::JoinHandle<Result<tonic::Response<HealthCheckResponse>, tonic::Status>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (addr, dropped, stop, server) = start_slow(delay).await;
         let channel = PeerChannel::plaintext(&addr);
         let mut health = HealthClient::new(channel.clone());
         let in_flight =
             tokio::spawn(async move { health.check(HealthCheckRequest::default()).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.send(true).unwrap();
+        (addr, channel, dropped, in_flight, server)
+    }
+
+    #[tokio::test]
+    async fn stopping_lets_calls_in_flight_finish_and_then_closes() {
+        let (_addr, channel, dropped, in_flight, server) =
+            stop_during_a_call(Duration::from_millis(300)).await;
 
         // The call in flight gets its (late) answer, then the server finishes.
         let err = in_flight.await.unwrap().unwrap_err();
@@ -642,16 +660,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_whose_server_restarts_calls_the_new_one_while_the_old_one_drains() {
-        let (addr, _dropped, stop, old) = start_slow(Duration::from_millis(500)).await;
-        let channel = PeerChannel::plaintext(&addr);
-        let mut slow_client = HealthClient::new(channel.clone());
-        let in_flight =
-            tokio::spawn(async move { slow_client.check(HealthCheckRequest::default()).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-
         // The old server stops: it sends GOAWAY but keeps the connection open for the
         // call in flight. A new one takes the port.
-        stop.send(true).unwrap();
+        let (addr, channel, _dropped, in_flight, old) =
+            stop_during_a_call(Duration::from_millis(500)).await;
         let mut listener = None;
         for _ in 0..50 {
             match TcpListener::bind(&addr).await {

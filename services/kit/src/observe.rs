@@ -88,12 +88,31 @@ pub struct RpcMetrics {
     methods: Arc<RwLock<HashMap<String, Arc<MethodMetrics>>>>,
 }
 
-/// The series of one method that every request touches.
+/// The series of one method that every request touches, and the family its other
+/// outcomes are counted in.
 struct MethodMetrics {
     labels: MethodLabels,
     in_flight: Gauge,
     duration: Histogram,
     ok: Counter,
+    requests: Family<RpcLabels, Counter>,
+}
+
+impl MethodMetrics {
+    /// Counts one request that ended with `code`.
+    fn count(&self, code: &'static str) {
+        if code == "OK" {
+            self.ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&RpcLabels {
+                    service: self.labels.service,
+                    method: self.labels.method.clone(),
+                    code,
+                })
+                .inc();
+        }
+    }
 }
 
 /// Methods whose series are kept at hand; requests for more (only a misbehaving
@@ -124,6 +143,7 @@ impl RpcMetrics {
                     code: "OK",
                 })
                 .clone(),
+            requests: families.requests.clone(),
             labels,
         });
         let mut methods = self.methods.write().unwrap_or_else(|p| p.into_inner());
@@ -132,9 +152,7 @@ impl RpcMetrics {
         }
         found
     }
-}
 
-impl RpcMetrics {
     pub fn register(registry: &MetricsRegistry, service: &'static str) -> Self {
         let families = registry
             .rpc
@@ -249,8 +267,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let metrics = self.metrics.clone();
-        let method = metrics.method(req.uri().path());
+        let method = self.metrics.method(req.uri().path());
         method.in_flight.inc();
         let start = Instant::now();
         let clone = self.inner.clone();
@@ -259,23 +276,10 @@ where
             let result = inner.call(req).await;
             method.in_flight.dec();
             method.duration.observe(start.elapsed().as_secs_f64());
-            let code = match &result {
+            method.count(match &result {
                 Ok(resp) => code_name(resp.headers()),
                 Err(_) => "UNAVAILABLE",
-            };
-            if code == "OK" {
-                method.ok.inc();
-            } else {
-                metrics
-                    .families
-                    .requests
-                    .get_or_create(&RpcLabels {
-                        service: method.labels.service,
-                        method: method.labels.method.clone(),
-                        code,
-                    })
-                    .inc();
-            }
+            });
             result
         }
         .boxed()

@@ -1,6 +1,7 @@
-//! mTLS transport for tonic: an incoming stream of authenticated connections for
-//! servers, and a connector that dials a peer and checks its SPIFFE identity for
-//! clients.
+//! The mesh's mTLS transport: an incoming stream of authenticated connections for
+//! servers ([`mtls_incoming`], [`mesh_incoming`]), dialling a peer and checking its
+//! SPIFFE identity ([`connect_mtls`]), and the client channel the typed gRPC clients
+//! call through ([`PeerChannel`], HTTP/2 with `crate::http2`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 
-use crate::http2::{RecvBody, keep_alive, pipe, send_ready, status_of};
+use crate::http2::{MAX_HEADER_LIST, RecvBody, keep_alive, pipe, send_ready, status_of};
 use crate::identity::{PeerInfo, SpiffeId, spiffe_id_from_cert};
 use crate::tls::MeshTls;
 
@@ -274,8 +275,6 @@ impl std::fmt::Debug for PeerChannel {
 /// clients), so that large responses and streams do not wait on window updates.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// Largest response or trailer header block accepted, as the servers accept.
-const MAX_HEADER_LIST: u32 = 64 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -395,11 +394,17 @@ impl PeerChannel {
             }
             mark.store(true, Ordering::Release);
         };
-        match &self.inner.runtime {
-            Some(runtime) => runtime.spawn(run),
-            None => tokio::spawn(run),
-        };
+        self.spawn(run);
         Ok(Connection { sender, closed })
+    }
+
+    /// Spawns the channel's own work (a connection's task, the rest of a streaming
+    /// request) on the runtime it was made on.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        match &self.inner.runtime {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        };
     }
 }
 
@@ -439,11 +444,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
                     std::future::poll_fn(|cx| Poll::Ready(send_ready(&mut body, &mut stream, cx)))
                         .await?;
                 if !finished {
-                    let pipe = pipe(body, stream);
-                    match &channel.inner.runtime {
-                        Some(runtime) => runtime.spawn(pipe),
-                        None => tokio::spawn(pipe),
-                    };
+                    channel.spawn(pipe(body, stream));
                 }
             }
             let response = response.await.map_err(status_of)?;
@@ -546,10 +547,10 @@ mod tests {
         let (_stop, stop) = tokio::sync::oneshot::channel();
         serve(listener, Arc::new(AtomicUsize::new(0)), stop);
         let mut client = HealthClient::new(PeerChannel::plaintext(&addr));
-        // Three times HTTP/2's default 64 KiB window: the rest goes out as the server
-        // grants window. The server reads all of it to answer that it knows no such
-        // service.
-        let service = "s".repeat(200 * 1024);
+        // Three times the server's windows (1 MiB per stream and per connection, tonic's
+        // and hyper's defaults): the rest goes out as the server grants window. The
+        // server reads all of it to answer that it knows no such service.
+        let service = "s".repeat(3 * 1024 * 1024);
         let err = client
             .check(HealthCheckRequest { service })
             .await
