@@ -81,13 +81,10 @@ const MAX_RECORD: u32 = 16 * 1024 * 1024;
 /// A position in the spool: segment number and byte offset.
 type Pos = (u64, u64);
 
-/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as zlib computes it;
-/// slicing-by-16 tables, several times faster than a byte-at-a-time table on the
-/// record sizes of the model path.
+/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as zlib computes it; with
+/// the CPU's carry-less multiply where it has one.
 pub fn crc32(bytes: &[u8]) -> u32 {
-    const CRC: crc::Crc<u32, crc::Table<16>> =
-        crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISO_HDLC);
-    CRC.checksum(bytes)
+    crc32fast::hash(bytes)
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -409,17 +406,20 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
 
     /// Writes one record; the position just after it, or `None` when refused.
     fn write(&self, item: &T) -> Option<Pos> {
-        let payload = item.encode_to_vec();
-        let size = HEADER + payload.len() as u64;
+        let len = item.encoded_len();
+        let size = HEADER + len as u64;
         if self.shared.pending.load(Ordering::Relaxed) + size > self.shared.config.max_bytes {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::error!("the spool is full: item dropped");
             return None;
         }
+        // The header (length, CRC of the payload), then the payload encoded in place.
         let mut record = Vec::with_capacity(size as usize);
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32(&payload).to_le_bytes());
-        record.extend_from_slice(&payload);
+        record.extend_from_slice(&(len as u32).to_le_bytes());
+        record.extend_from_slice(&[0; 4]);
+        item.encode_raw(&mut record);
+        let crc = crc32(&record[HEADER as usize..]);
+        record[4..8].copy_from_slice(&crc.to_le_bytes());
         let written = {
             let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
             if w.offset > 0 && w.offset + size > self.shared.config.segment_bytes {
