@@ -14,6 +14,7 @@
 //! request or response body: only the method, route, path, status, duration, the
 //! permission the route needs and, for refusals, the reason.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -77,7 +78,7 @@ impl AuditTrail {
 /// passed authentication and authorisation.
 #[derive(Clone)]
 struct Admitted {
-    principal: Principal,
+    principal: Arc<Principal>,
     /// Set when the request was refused for want of a durable audit record.
     refused: Option<String>,
 }
@@ -86,7 +87,12 @@ struct Admitted {
 /// with `:` as `.` (`http.models.invoke`); `http.unrouted` outside the API.
 pub fn action(permission: Option<Permission>) -> String {
     match permission {
-        Some(p) => format!("http.{}", p.as_str().replace(':', ".")),
+        Some(p) => {
+            let mut a = String::with_capacity(5 + p.as_str().len());
+            a.push_str("http.");
+            a.extend(p.as_str().chars().map(|c| if c == ':' { '.' } else { c }));
+            a
+        }
         None => "http.unrouted".to_owned(),
     }
 }

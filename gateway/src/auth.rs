@@ -34,7 +34,7 @@ pub const KEY_PREFIX: &str = "cm_";
 pub struct KeyEntry {
     pub id: String,
     digest: [u8; 32],
-    pub principal: Principal,
+    pub principal: Arc<Principal>,
     pub expires_at: Option<OffsetDateTime>,
     /// Requests per minute allowed to this key (None: only the tenant's limit).
     pub rpm: Option<u64>,
@@ -140,11 +140,11 @@ impl KeyEntry {
         Ok(Self {
             id: doc.name.clone(),
             digest,
-            principal: Principal {
+            principal: Arc::new(Principal {
                 tenant,
                 subject: format!("key:{}", doc.name),
                 roles,
-            },
+            }),
             expires_at,
             rpm: spec.rpm,
             tpm: spec.tpm,
@@ -320,11 +320,11 @@ fn bootstrap_entry(key: &Secret) -> KeyEntry {
     KeyEntry {
         id: "bootstrap".into(),
         digest: digest(key.expose()),
-        principal: Principal {
+        principal: Arc::new(Principal {
             tenant: TenantId::parse(DEFAULT_TENANT).expect("valid tenant"),
             subject: "key:bootstrap".into(),
             roles: vec![Role::Admin],
-        },
+        }),
         expires_at: None,
         rpm: None,
         tpm: None,

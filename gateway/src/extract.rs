@@ -1,6 +1,8 @@
 //! Request extractors: the authenticated principal and JSON bodies with precise,
 //! RFC 7807 errors.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -12,11 +14,11 @@ use crate::problem::Problem;
 
 /// The caller, authenticated by API key (or OIDC token) and authorised for the route
 /// by the `authorize` middleware, which leaves the principal in the request.
-pub struct Authed(pub Principal);
+pub struct Authed(pub Arc<Principal>);
 
 /// The principal the `authorize` middleware established for a request.
 #[derive(Clone)]
-pub(crate) struct Authenticated(pub Principal);
+pub(crate) struct Authenticated(pub Arc<Principal>);
 
 impl FromRequestParts<AppState> for Authed {
     type Rejection = Problem;

@@ -193,14 +193,44 @@ pub struct SharedState {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
     route: String,
-    method: String,
+    method: &'static str,
     status: u16,
+}
+
+/// The series of one route, method and status.
+struct HttpSeries {
+    method: &'static str,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
 }
 
 #[derive(Clone)]
 struct HttpMetrics {
     requests: Family<HttpLabels, Counter>,
     duration: Family<HttpLabels, Histogram>,
+    /// The series requests have used, by route, looked up without building labels.
+    /// Bounded: routes are the router's patterns and "unmatched", methods the
+    /// standard ones and "other", statuses three digits.
+    seen: Arc<std::sync::RwLock<HashMap<String, Vec<Arc<HttpSeries>>>>>,
+}
+
+/// The method label: the standard methods by name, any other as "other", so that a
+/// client cannot create series at will.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 impl HttpMetrics {
@@ -213,6 +243,7 @@ impl HttpMetrics {
                     10.0, 30.0,
                 ])
             }),
+            seen: Arc::default(),
         };
         registry.register(
             "gateway_http_requests",
@@ -225,6 +256,43 @@ impl HttpMetrics {
             m.duration.clone(),
         );
         m
+    }
+
+    /// Counts one request and its latency.
+    fn observe(&self, route: &str, method: &'static str, status: u16, seconds: f64) {
+        let series = self.series(route, method, status);
+        series.requests.inc();
+        series.duration.observe(seconds);
+    }
+
+    fn series(&self, route: &str, method: &'static str, status: u16) -> Arc<HttpSeries> {
+        let matches = |s: &&Arc<HttpSeries>| s.method == method && s.status == status;
+        {
+            let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(found) = seen.get(route).and_then(|v| v.iter().find(matches)) {
+                return found.clone();
+            }
+        }
+        let labels = HttpLabels {
+            route: route.to_owned(),
+            method,
+            status,
+        };
+        let found = Arc::new(HttpSeries {
+            method,
+            status,
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+        });
+        let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
+        let of_route = seen.entry(labels.route).or_default();
+        match of_route.iter().find(matches) {
+            Some(raced) => raced.clone(),
+            None => {
+                of_route.push(found.clone());
+                found
+            }
+        }
     }
 }
 
@@ -257,14 +325,12 @@ async fn observe(
         req.headers_mut().insert("x-request-id", v.clone());
     }
     req.extensions_mut().insert(RequestId(id.clone()));
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let method = method_label(req.method());
     let span = tracing::info_span!(
         "http",
-        %method,
+        method = %req.method(),
         route = %route,
         request_id = %id,
         subject = tracing::field::Empty,
@@ -279,17 +345,9 @@ async fn observe(
     if let Some(v) = id_header {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let labels = HttpLabels {
-        route,
-        method,
-        status,
-    };
-    state.http_metrics.requests.get_or_create(&labels).inc();
     state
         .http_metrics
-        .duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(route, method, status, started.elapsed().as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
             status,
@@ -326,11 +384,14 @@ fn follow_key_documents(
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<(crewmesh_kit::principal::Principal, limits::KeyLimits), Problem> {
+) -> Result<(Arc<Principal>, limits::KeyLimits), Problem> {
     if let Some(verifier) = &state.oidc {
         let token = auth::bearer(headers)?;
         if oidc::looks_like_jwt(token) {
-            return Ok((verifier.verify(token).await?, limits::KeyLimits::default()));
+            return Ok((
+                Arc::new(verifier.verify(token).await?),
+                limits::KeyLimits::default(),
+            ));
         }
     }
     let keys = state.keys.load();
@@ -354,11 +415,9 @@ async fn authorize(
     next: impl AsyncFnOnce(Request) -> Response,
 ) -> Response {
     use axum::response::IntoResponse;
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
-    let Some(perm) = route.and_then(|r| rbac::required(req.method(), &r, req.uri().path())) else {
+    let route = req.extensions().get::<MatchedPath>();
+    let Some(perm) = route.and_then(|r| rbac::required(req.method(), r.as_str(), req.uri().path()))
+    else {
         return next(req).await;
     };
     // Every refusal says who was refused and why, for the audit trail.
@@ -667,5 +726,47 @@ impl Application {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_metrics_count_by_route_method_and_status_with_a_bounded_method_label() {
+        let registry = MetricsRegistry::new();
+        let m = HttpMetrics::register(&registry);
+        let brew = axum::http::Method::from_bytes(b"BREW").unwrap();
+        m.observe("/v1/chat/completions", "POST", 200, 0.001);
+        m.observe("/v1/chat/completions", "POST", 200, 0.002);
+        m.observe("/v1/chat/completions", "POST", 429, 0.001);
+        m.observe("unmatched", method_label(&brew), 404, 0.001);
+        let text = registry.encode();
+        let count = |labels: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("crewmesh_gateway_http_requests_total{") && l.contains(labels)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            count(r#"route="/v1/chat/completions",method="POST",status="200""#).as_deref(),
+            Some("2"),
+            "{text}"
+        );
+        assert_eq!(
+            count(r#"route="/v1/chat/completions",method="POST",status="429""#).as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            count(r#"route="unmatched",method="other",status="404""#).as_deref(),
+            Some("1")
+        );
+        assert!(!text.contains("BREW"), "{text}");
+        assert!(text.contains(
+            r#"crewmesh_gateway_http_duration_seconds_count{route="/v1/chat/completions",method="POST",status="200"} 2"#
+        ));
     }
 }

@@ -234,6 +234,9 @@ impl Limiter {
             return;
         }
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.is_empty() {
+            return; // no limit configured anywhere: nothing to debit
+        }
         for name in [format!("t/{tenant}/tpm"), format!("k/{tenant}/{key}/tpm")] {
             if let Some(b) = buckets.get_mut(&name) {
                 b.tokens -= tokens as f64;

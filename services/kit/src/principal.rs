@@ -159,9 +159,18 @@ pub fn principal_of<T>(req: &tonic::Request<T>) -> Option<&Principal> {
 /// The principal of a request, or `UNAUTHENTICATED` when the caller sent none.
 #[allow(clippy::result_large_err)]
 pub fn require_principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
-    principal_of(req).cloned().ok_or_else(|| {
-        tonic::Status::unauthenticated("this RPC acts for an end user: send the principal metadata")
-    })
+    principal_of(req).cloned().ok_or_else(no_principal)
+}
+
+/// [`require_principal`] for a request taken apart (`tonic::Request::into_parts`):
+/// moves the principal out of its extensions instead of copying it.
+#[allow(clippy::result_large_err)]
+pub fn take_principal(extensions: &mut tonic::Extensions) -> Result<Principal, tonic::Status> {
+    extensions.remove::<Principal>().ok_or_else(no_principal)
+}
+
+fn no_principal() -> tonic::Status {
+    tonic::Status::unauthenticated("this RPC acts for an end user: send the principal metadata")
 }
 
 #[cfg(test)]

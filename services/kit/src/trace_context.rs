@@ -10,8 +10,6 @@
 //! [`crate::telemetry::init`] installs the OpenTelemetry layer instead, and
 //! [`crate::telemetry`] reads the ids from there.
 
-use std::fmt::Write as _;
-
 use tracing::span::{Attributes, Id};
 use tracing::{Span, Subscriber};
 use tracing_subscriber::Registry;
@@ -71,17 +69,29 @@ impl TraceContext {
     /// The `traceparent` header value naming this span as the parent.
     pub fn traceparent(&self) -> String {
         let mut s = String::with_capacity(55);
-        let _ = write!(
-            s,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        );
+        s.push_str("00-");
+        push_hex(&mut s, self.trace_id, 32);
+        s.push('-');
+        push_hex(&mut s, u128::from(self.span_id), 16);
+        s.push('-');
+        push_hex(&mut s, u128::from(self.flags), 2);
         s
     }
 
     /// The trace id as 32 lowercase hex characters.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, self.trace_id, 32);
+        s
+    }
+}
+
+/// Appends the low `digits` nibbles of `v` in lowercase hex, zero-padded (the
+/// formatting machinery costs several times more, once per request and hop).
+fn push_hex(out: &mut String, v: u128, digits: u32) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.push(char::from(DIGITS[((v >> (4 * i)) & 0xf) as usize]));
     }
 }
 

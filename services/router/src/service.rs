@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use crewmesh_kit::clients::{AuditClient, UsageClient};
-use crewmesh_kit::principal::{Principal, require_principal};
+use crewmesh_kit::principal::{Principal, require_principal, take_principal};
 use crewmesh_proto::audit::v1 as audit;
 use crewmesh_proto::metrics::v1 as metrics;
 use crewmesh_proto::router::v1 as pb;
@@ -809,9 +809,9 @@ impl pb::router_service_server::RouterService for RouterService {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let principal = require_principal(&request)?;
-        let deadline = deadline_of(request.metadata());
-        let req = request.into_inner();
+        let (metadata, mut extensions, req) = request.into_parts();
+        let principal = take_principal(&mut extensions)?;
+        let deadline = deadline_of(&metadata);
         validate(&req)?;
         let request_id = request_id_of(&req);
         let resp = self
