@@ -301,11 +301,15 @@ impl HttpMetrics {
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
+/// `x-request-id`, named at compile time (a `&str` name is parsed on every use).
+const REQUEST_ID_HEADER: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-request-id");
+
 /// The request id of a request: the client's `x-request-id` when it is sane, else a
 /// fresh one.
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(&REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
@@ -322,7 +326,7 @@ async fn observe(
     let id = request_id(req.headers());
     let id_header = id.parse::<axum::http::HeaderValue>().ok();
     if let Some(v) = &id_header {
-        req.headers_mut().insert("x-request-id", v.clone());
+        req.headers_mut().insert(REQUEST_ID_HEADER, v.clone());
     }
     req.extensions_mut().insert(RequestId(id.clone()));
     let route = req.extensions().get::<MatchedPath>().cloned();
@@ -343,7 +347,7 @@ async fn observe(
     let status = resp.status().as_u16();
     span.record("status", status);
     if let Some(v) = id_header {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     state
         .http_metrics

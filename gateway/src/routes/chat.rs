@@ -3,6 +3,7 @@
 use axum::Extension;
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderName;
 use axum::response::{IntoResponse, Response};
 use crewmesh_kit::clients::with_principal;
 use crewmesh_openai::{ChatRequest, request_to_proto, response_from_proto};
@@ -11,6 +12,11 @@ use crewmesh_proto::router::v1 as pb;
 use crate::extract::{Authed, JsonBody};
 use crate::problem::Problem;
 use crate::{AppState, RequestId};
+
+// Response header names, built at compile time (a `&str` name is parsed on every use).
+const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-crewmesh-deployment");
+const COST_HEADER: HeaderName = HeaderName::from_static("x-crewmesh-cost-usd");
+const SIMULATED_HEADER: HeaderName = HeaderName::from_static("x-crewmesh-simulated");
 
 pub async fn completions(
     State(state): State<AppState>,
@@ -39,15 +45,15 @@ pub async fn completions(
     if let Some(call) = &resp.call {
         let h = out.headers_mut();
         if let Ok(v) = call.deployment.parse() {
-            h.insert("x-crewmesh-deployment", v);
+            h.insert(DEPLOYMENT_HEADER, v);
         }
         if let Ok(v) = format!("{:.8}", call.cost_usd).parse() {
-            h.insert("x-crewmesh-cost-usd", v);
+            h.insert(COST_HEADER, v);
         }
     }
     if simulated {
         out.headers_mut().insert(
-            "x-crewmesh-simulated",
+            SIMULATED_HEADER,
             axum::http::HeaderValue::from_static("true"),
         );
     }

@@ -124,8 +124,12 @@ impl Principal {
     /// Reads a principal from HTTP/2 headers. `Ok(None)` when no principal header is
     /// present; an error when one is present but the set is incomplete or invalid.
     pub fn from_headers(h: &http::HeaderMap) -> Result<Option<Self>, PrincipalError> {
+        // Names built at compile time: a `&str` name is parsed on every lookup.
+        const TENANT: http::HeaderName = http::HeaderName::from_static(TENANT_HEADER);
+        const SUBJECT: http::HeaderName = http::HeaderName::from_static(SUBJECT_HEADER);
+        const ROLES: http::HeaderName = http::HeaderName::from_static(ROLES_HEADER);
         let get = |name| h.get(name).and_then(|v| v.to_str().ok());
-        let (tenant, subject, roles) = (get(TENANT_HEADER), get(SUBJECT_HEADER), get(ROLES_HEADER));
+        let (tenant, subject, roles) = (get(&TENANT), get(&SUBJECT), get(&ROLES));
         if tenant.is_none() && subject.is_none() && roles.is_none() {
             return Ok(None);
         }

@@ -207,6 +207,9 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
 
 /// The current span's trace id as 32 hex characters (all zeros when there is none).
 pub fn current_trace_id() -> String {
+    if let Some(cx) = trace_context::current() {
+        return cx.trace_id_hex();
+    }
     let span = tracing::Span::current();
     if span.is_disabled() {
         return TraceId::INVALID.to_string();
@@ -219,6 +222,12 @@ pub fn current_trace_id() -> String {
 
 /// Writes the current span's trace context into outgoing headers.
 pub fn inject_current(headers: &mut HeaderMap) {
+    if let Some(cx) = trace_context::current() {
+        if let Ok(v) = http::HeaderValue::from_str(&cx.traceparent()) {
+            headers.insert(TRACEPARENT, v);
+        }
+        return;
+    }
     let span = tracing::Span::current();
     if span.is_disabled() {
         return;

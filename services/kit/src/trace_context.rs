@@ -162,6 +162,18 @@ pub fn of(span: &Span) -> Option<TraceContext> {
     with_context(span, |cx| *cx)
 }
 
+/// The trace context of the current span, read in place: unlike
+/// `of(&Span::current())` it neither takes nor releases a reference to the span,
+/// each of which goes through every layer of the subscriber.
+pub fn current() -> Option<TraceContext> {
+    tracing::dispatcher::get_default(|dispatch| {
+        let current = dispatch.current_span();
+        let registry = dispatch.downcast_ref::<Registry>()?;
+        let data = registry.span_data(current.id()?)?;
+        data.extensions().get::<TraceContext>().copied()
+    })
+}
+
 /// Moves `span` into the trace of `remote` (the caller's `traceparent`), keeping its
 /// own span id. Spans created inside it afterwards inherit the trace.
 pub fn adopt(span: &Span, remote: TraceContext) {
@@ -225,6 +237,12 @@ mod tests {
 
             let other = tracing::info_span!("another request");
             assert_ne!(of(&other).unwrap().trace_id, remote.trace_id);
+
+            // The current span's context, read in place.
+            assert_eq!(current(), None);
+            assert_eq!(request.in_scope(current), Some(adopted));
+            assert_eq!(child.in_scope(current), of(&child));
+            assert_eq!(other.in_scope(current), of(&other));
         });
     }
 
