@@ -417,7 +417,12 @@ impl<T: Message + Default + Clone + Send + 'static> SpoolBatcher<T> {
         let mut record = Vec::with_capacity(size as usize);
         record.extend_from_slice(&(len as u32).to_le_bytes());
         record.extend_from_slice(&[0; 4]);
-        item.encode_raw(&mut record);
+        if let Err(e) = item.encode(&mut record) {
+            // Unreachable in practice: a `Vec` grows as needed.
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot encode a spool record: item dropped");
+            return None;
+        }
         let crc = crc32(&record[HEADER as usize..]);
         record[4..8].copy_from_slice(&crc.to_le_bytes());
         let written = {

@@ -828,10 +828,10 @@ impl pb::router_service_server::RouterService for RouterService {
         &self,
         request: Request<pb::StreamCompleteRequest>,
     ) -> Result<Response<Self::StreamCompleteStream>, Status> {
-        let principal = require_principal(&request)?;
-        let deadline = deadline_of(request.metadata());
-        let req = request
-            .into_inner()
+        let (metadata, mut extensions, req) = request.into_parts();
+        let principal = take_principal(&mut extensions)?;
+        let deadline = deadline_of(&metadata);
+        let req = req
             .request
             .ok_or_else(|| RouterError::InvalidRequest("request is required".into()))?;
         validate(&req)?;
