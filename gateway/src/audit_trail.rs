@@ -143,11 +143,10 @@ impl Facts {
             path,
             permission,
             request_id: req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
+                .extensions()
+                .get::<crate::RequestId>()
+                .map(|id| id.0.clone())
+                .unwrap_or_default(),
             trace_id: crewmesh_kit::telemetry::current_trace_id(),
         }
     }

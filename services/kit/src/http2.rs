@@ -127,9 +127,9 @@ pub(crate) fn send_ready(
     }
 }
 
-/// Sends the rest of a streaming body (a request's or a response's), one frame at a time as the stream's
-/// flow-control window allows; resets the stream if the body fails, and stops when
-/// the peer resets it.
+/// Sends the rest of a streaming body (a request's or a response's), one frame at a
+/// time as the stream's flow-control window allows; resets the stream if the body
+/// fails, and stops when the peer resets it.
 pub(crate) async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream<Bytes>) {
     use http_body::Body as _;
     loop {
@@ -438,7 +438,8 @@ async fn serve_stream<S>(
 /// The caller's deadline from its `grpc-timeout` header (1-8 digits and a unit: `H`,
 /// `M`, `S`, `m`, `u` or `n`). A malformed value is ignored, as gRPC servers do.
 fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    let value = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
