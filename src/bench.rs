@@ -74,6 +74,10 @@ pub struct GatewayArgs {
     /// Threads of the in-process mesh's data plane (as `crewmesh up --data-plane-threads`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub data_plane_threads: u16,
+    /// Idle polling of the in-process mesh's data plane (as `crewmesh up
+    /// --data-plane-idle-poll`), e.g. 2ms; 0: off.
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub data_plane_idle_poll: Duration,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -92,6 +96,7 @@ impl GatewayArgs {
             warmup: Duration::from_secs(2),
             rates: vec![500, 1000],
             data_plane_threads: 1,
+            data_plane_idle_poll: Duration::ZERO,
             json: false,
         }
     }
@@ -162,6 +167,9 @@ pub struct Report {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub cores: usize,
+    /// The in-process data plane's idle-poll window in ms (0: off); `None` for an
+    /// external mesh, whose setting the benchmark cannot see.
+    pub data_plane_idle_poll_ms: Option<f64>,
     pub scenarios: Vec<Scenario>,
 }
 
@@ -267,8 +275,10 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<Report> {
                 },
             );
             let dir = scratch_dir()?;
+            let idle_poll = args.data_plane_idle_poll;
             let mesh = up::start(UpOptions {
                 data_plane_threads: usize::from(args.data_plane_threads),
+                data_plane_idle_poll: idle_poll,
                 ..UpOptions::embedded(dir.clone(), SocketAddr::from(([127, 0, 0, 1], 0)))
             })
             .await
@@ -281,8 +291,9 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<Report> {
             let report = measure(args, &url, Some(key), &upstream, "in-process").await;
             let stopped = mesh.shutdown().await;
             let _ = std::fs::remove_dir_all(&dir);
-            let report = report?;
+            let mut report = report?;
             stopped.context("stopping the mesh")?;
+            report.data_plane_idle_poll_ms = Some(idle_poll.as_secs_f64() * 1e3);
             Ok(report)
         }
     }
@@ -416,6 +427,7 @@ async fn scenarios(
         duration_s: args.duration.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        data_plane_idle_poll_ms: None,
         scenarios: out,
     })
 }
@@ -536,8 +548,13 @@ async fn run_slice(
 
 /// The report as a Markdown table.
 pub fn table(report: &Report) -> String {
+    let idle_poll = match report.data_plane_idle_poll_ms {
+        Some(ms) if ms > 0.0 => format!(", data plane idle poll {ms} ms"),
+        Some(_) => ", data plane idle poll off".to_owned(),
+        None => String::new(),
+    };
     let mut out = format!(
-        "mesh overhead of a model call ({} mesh, {} upstream, model {}, {} cores; {:.1} s per scenario and target)\n\n",
+        "mesh overhead of a model call ({} mesh{idle_poll}, {} upstream, model {}, {} cores; {:.1} s per scenario and target)\n\n",
         report.mesh, report.upstream, report.model, report.cores, report.duration_s
     );
     out.push_str(

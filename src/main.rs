@@ -59,6 +59,11 @@ enum Command {
         /// requests per second. See docs/performance.md.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         data_plane_threads: u16,
+        /// How long the data plane keeps polling its sockets after its last work before
+        /// its threads sleep, e.g. 2ms (0: it sleeps at once). Lower latency for a
+        /// busy CPU; for a data plane with a CPU of its own. See docs/performance.md.
+        #[arg(long, default_value = "0", value_parser = bench::parse_duration)]
+        data_plane_idle_poll: std::time::Duration,
     },
     /// Run one service (distributed mode, e.g. one Kubernetes Deployment per service).
     Serve {
@@ -169,6 +174,7 @@ async fn run(cli: Cli) -> ExitCode {
             log_level,
             log_format,
             data_plane_threads,
+            data_plane_idle_poll,
         } => {
             let telemetry = TelemetryConfig {
                 log_level,
@@ -188,6 +194,7 @@ async fn run(cli: Cli) -> ExitCode {
             up_command(up::UpOptions {
                 trust_domain,
                 data_plane_threads: usize::from(data_plane_threads),
+                data_plane_idle_poll,
                 ..up::UpOptions::embedded(data_dir, gateway_addr)
             })
             .await

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::state::{Pki, ServiceEndpoints, State};
+use crewmesh_kit::idle_poll::IdlePoll;
 
 pub use crate::state::FILE_NAME as STATE_FILE;
 
@@ -34,6 +35,9 @@ pub struct UpOptions {
     pub refresh_interval: Duration,
     /// Worker threads of the data plane's runtime (see [`ServiceRuntime`]).
     pub data_plane_threads: usize,
+    /// How long the data plane keeps polling its sockets after its last work before
+    /// its threads sleep (`crewmesh_kit::idle_poll`); zero (the default): not at all.
+    pub data_plane_idle_poll: Duration,
 }
 
 impl UpOptions {
@@ -47,6 +51,7 @@ impl UpOptions {
             databases: DatabaseChoice::Sqlite,
             refresh_interval: Duration::from_millis(500),
             data_plane_threads: 1,
+            data_plane_idle_poll: Duration::ZERO,
         }
     }
 }
@@ -143,6 +148,11 @@ type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
 ///   writes and usage rollups use what the data plane leaves and do not delay a model
 ///   call's turn on the CPU.
 ///
+/// With `--data-plane-idle-poll`, the data plane polls its sockets for a while after
+/// its last work before its threads sleep: at a steady rate of requests it never
+/// sleeps, and no request finds its CPU idle with cold caches
+/// (`crewmesh_kit::idle_poll`; the cost is a CPU, see docs/performance.md).
+///
 /// The data plane's services deliver their audit events and usage records from the
 /// bookkeeping runtime ([`ServiceRuntime::delivering_on`]): of each record, only its
 /// spool write stays on a request's path.
@@ -160,10 +170,22 @@ pub struct ServiceRuntime {
 const BOOKKEEPING_NICE: i32 = 10;
 
 impl ServiceRuntime {
-    fn new(name: &'static str, threads: Option<usize>, nice: i32) -> anyhow::Result<Self> {
+    /// `threads`: worker threads (`None`: one per CPU); `nice`: their CPU priority
+    /// ([`lower_priority`]); `idle_poll`: how long a worker polls after its last work
+    /// before it sleeps (zero: it sleeps at once; see `crewmesh_kit::idle_poll`).
+    fn new(
+        name: &'static str,
+        threads: Option<usize>,
+        nice: i32,
+        idle_poll: Duration,
+    ) -> anyhow::Result<Self> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if let Some(n) = threads {
             builder.worker_threads(n.max(1));
+        }
+        let idle_poll = (!idle_poll.is_zero()).then(|| IdlePoll::new(idle_poll));
+        if let Some(poll) = &idle_poll {
+            builder.on_thread_unpark(poll.on_unpark());
         }
         let runtime = builder
             .thread_name(name)
@@ -171,6 +193,9 @@ impl ServiceRuntime {
             .enable_all()
             .build()
             .with_context(|| format!("starting the {name} runtime"))?;
+        if let Some(poll) = idle_poll {
+            poll.spawn_pollers(runtime.handle(), runtime.handle().metrics().num_workers());
+        }
         Ok(Self {
             runtime: Some(runtime),
             background: None,
@@ -364,9 +389,19 @@ pub async fn start(opts: UpOptions) -> anyhow::Result<RunningMesh> {
     }
 
     // The simulated model upstream (plain HTTP on loopback, labelled simulated).
-    let bookkeeping = ServiceRuntime::new("crewmesh-bookkeeping", None, BOOKKEEPING_NICE)?;
-    let data_plane = ServiceRuntime::new("crewmesh-data-plane", Some(opts.data_plane_threads), 0)?
-        .delivering_on(&bookkeeping);
+    let bookkeeping = ServiceRuntime::new(
+        "crewmesh-bookkeeping",
+        None,
+        BOOKKEEPING_NICE,
+        Duration::ZERO,
+    )?;
+    let data_plane = ServiceRuntime::new(
+        "crewmesh-data-plane",
+        Some(opts.data_plane_threads),
+        0,
+        opts.data_plane_idle_poll,
+    )?
+    .delivering_on(&bookkeeping);
     let sim = data_plane
         .run(crewmesh_simulated_upstream::SimulatedUpstream::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -614,7 +649,8 @@ mod tests {
     #[tokio::test]
     async fn a_service_runtime_has_the_threads_asked_for_and_runs_its_tasks() {
         for threads in [1, 3] {
-            let runtime = ServiceRuntime::new("test-runtime", Some(threads), 0).unwrap();
+            let runtime =
+                ServiceRuntime::new("test-runtime", Some(threads), 0, Duration::ZERO).unwrap();
             assert_eq!(runtime.handle().metrics().num_workers(), threads);
             let name = runtime
                 .run(async { std::thread::current().name().map(str::to_owned) })
@@ -625,9 +661,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_runtime_with_idle_polling_keeps_its_worker_awake_after_work() {
+        for (idle_poll, stays_awake) in [(Duration::from_secs(5), true), (Duration::ZERO, false)] {
+            let runtime = ServiceRuntime::new("test-runtime", Some(1), 0, idle_poll).unwrap();
+            let metrics = runtime.handle().metrics();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The worker is parked now; work wakes it.
+            let parked = metrics.worker_park_count(0);
+            runtime.run(async {}).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Polling, it has not parked again; otherwise it parked once the work was done.
+            assert_eq!(
+                metrics.worker_park_count(0) == parked,
+                stays_awake,
+                "{idle_poll:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn what_a_service_built_on_the_data_plane_delivers_runs_on_the_bookkeeping_runtime() {
-        let bookkeeping = ServiceRuntime::new("test-bookkeeping", Some(1), 0).unwrap();
-        let data_plane = ServiceRuntime::new("test-data-plane", Some(1), 0)
+        let bookkeeping =
+            ServiceRuntime::new("test-bookkeeping", Some(1), 0, Duration::ZERO).unwrap();
+        let data_plane = ServiceRuntime::new("test-data-plane", Some(1), 0, Duration::ZERO)
             .unwrap()
             .delivering_on(&bookkeeping);
         let thread = || std::thread::current().name().map(str::to_owned);

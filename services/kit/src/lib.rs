@@ -23,6 +23,7 @@ pub mod config_cache;
 pub mod flags;
 pub mod http2;
 pub mod identity;
+pub mod idle_poll;
 pub mod membership;
 pub mod mesh;
 pub mod observe;
