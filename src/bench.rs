@@ -102,7 +102,7 @@ impl GatewayArgs {
     }
 }
 
-/// `5s`, `500ms`, `1.5s`, `2m` or a plain number of seconds.
+/// `5s`, `500ms`, `200us`, `1.5s`, `2m` or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
@@ -114,10 +114,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
     let secs = match unit {
+        "us" => value / 1_000_000.0,
         "ms" => value / 1_000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use us, ms, s or m)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a valid duration"))
 }
@@ -608,6 +613,8 @@ mod tests {
     fn durations_parse() {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1_500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5h").is_err());

@@ -1,5 +1,6 @@
-//! `crewmesh bench gateway` runs end to end (in-process mesh) and prints a parseable JSON
-//! report. Only counts are checked, never timings.
+//! `crewmesh bench gateway` runs end to end (in-process mesh, here with its data plane
+//! idle-polling) and prints a parseable JSON report. Only counts are checked, never
+//! timings.
 
 use std::process::Command;
 
@@ -17,6 +18,8 @@ fn bench_gateway_prints_a_json_report() {
             "0s",
             "--rates",
             "50",
+            "--data-plane-idle-poll",
+            "2ms",
             "--json",
         ])
         .output()
@@ -29,6 +32,7 @@ fn bench_gateway_prints_a_json_report() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     assert_eq!(report["upstream"], "simulated");
     assert_eq!(report["mesh"], "in-process");
+    assert_eq!(report["data_plane_idle_poll_ms"], 2.0);
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios
         .iter()

@@ -177,3 +177,38 @@ fn up_refuses_a_data_plane_without_threads() {
         "{stderr}"
     );
 }
+
+/// `crewmesh up --data-plane-idle-poll`: model calls are answered while the data plane
+/// polls between them, and Ctrl-C still stops it cleanly (its pollers end with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_idle_polling_answers_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, gateway, key) =
+        up_process(dir.path(), &["--data-plane-idle-poll", "50ms"], &[]).await;
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let resp = client
+            .post(format!("{gateway}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "sim-small", "messages": [{"role": "user", "content": format!("call {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    stop_with_ctrl_c(child).await;
+}
+
+#[test]
+fn up_refuses_an_idle_poll_that_is_not_a_duration() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
+        .args(["up", "--data-plane-idle-poll", "fast"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("'--data-plane-idle-poll") && stderr.contains("not a duration"),
+        "{stderr}"
+    );
+}
