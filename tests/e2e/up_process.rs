@@ -164,14 +164,21 @@ async fn up_runs_bookkeeping_below_the_data_plane_priority() {
     stop_with_ctrl_c(child).await;
 }
 
-#[test]
-fn up_refuses_a_data_plane_without_threads() {
+/// Runs `crewmesh up` with `args`, which it must refuse as a usage error (exit 2,
+/// before starting anything); returns what it printed on stderr.
+fn up_refuses(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
-        .args(["up", "--data-plane-threads", "0"])
+        .arg("up")
+        .args(args)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn up_refuses_a_data_plane_without_threads() {
+    let stderr = up_refuses(&["--data-plane-threads", "0"]);
     assert!(
         stderr.contains("invalid value '0' for '--data-plane-threads"),
         "{stderr}"
@@ -201,12 +208,7 @@ async fn up_with_idle_polling_answers_and_stops_cleanly() {
 
 #[test]
 fn up_refuses_an_idle_poll_that_is_not_a_duration() {
-    let out = Command::new(env!("CARGO_BIN_EXE_crewmesh"))
-        .args(["up", "--data-plane-idle-poll", "fast"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = up_refuses(&["--data-plane-idle-poll", "fast"]);
     assert!(
         stderr.contains("'--data-plane-idle-poll") && stderr.contains("not a duration"),
         "{stderr}"
