@@ -194,7 +194,7 @@ impl ServiceRuntime {
             .build()
             .with_context(|| format!("starting the {name} runtime"))?;
         if let Some(poll) = idle_poll {
-            poll.spawn_pollers(runtime.handle(), runtime.handle().metrics().num_workers());
+            poll.spawn_pollers(runtime.handle());
         }
         Ok(Self {
             runtime: Some(runtime),

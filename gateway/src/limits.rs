@@ -131,6 +131,14 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The bucket of a tenant's limit (`key` None) or a key's on `unit` (`rpm`, `tpm`).
+fn bucket_name(tenant: &str, key: Option<&str>, unit: &str) -> String {
+    match key {
+        Some(key) => format!("k/{tenant}/{key}/{unit}"),
+        None => format!("t/{tenant}/{unit}"),
+    }
+}
+
 /// The rate limiter of one gateway replica.
 #[derive(Debug)]
 pub struct Limiter {
@@ -157,22 +165,22 @@ impl Limiter {
         let tp = s.tenant_policy;
         [
             (
-                format!("t/{}/rpm", s.tenant),
+                bucket_name(s.tenant, None, "rpm"),
                 tp.and_then(|p| p.rpm),
                 "tenant requests per minute",
             ),
             (
-                format!("k/{}/{}/rpm", s.tenant, s.key),
+                bucket_name(s.tenant, Some(s.key), "rpm"),
                 s.key_rpm,
                 "key requests per minute",
             ),
             (
-                format!("t/{}/tpm", s.tenant),
+                bucket_name(s.tenant, None, "tpm"),
                 tp.and_then(|p| p.tpm),
                 "tenant tokens per minute",
             ),
             (
-                format!("k/{}/{}/tpm", s.tenant, s.key),
+                bucket_name(s.tenant, Some(s.key), "tpm"),
                 s.key_tpm,
                 "key tokens per minute",
             ),
@@ -237,7 +245,10 @@ impl Limiter {
         if buckets.is_empty() {
             return; // no limit configured anywhere: nothing to debit
         }
-        for name in [format!("t/{tenant}/tpm"), format!("k/{tenant}/{key}/tpm")] {
+        for name in [
+            bucket_name(tenant, None, "tpm"),
+            bucket_name(tenant, Some(key), "tpm"),
+        ] {
             if let Some(b) = buckets.get_mut(&name) {
                 b.tokens -= tokens as f64;
             }

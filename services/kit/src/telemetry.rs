@@ -210,12 +210,10 @@ pub fn current_trace_id() -> String {
     if let Some(cx) = trace_context::current() {
         return cx.trace_id_hex();
     }
+    // Otherwise the OpenTelemetry layer holds the span's context.
     let span = tracing::Span::current();
     if span.is_disabled() {
         return TraceId::INVALID.to_string();
-    }
-    if let Some(cx) = trace_context::of(&span) {
-        return cx.trace_id_hex();
     }
     span.context().span().span_context().trace_id().to_string()
 }
@@ -223,19 +221,14 @@ pub fn current_trace_id() -> String {
 /// Writes the current span's trace context into outgoing headers.
 pub fn inject_current(headers: &mut HeaderMap) {
     if let Some(cx) = trace_context::current() {
-        if let Ok(v) = http::HeaderValue::from_str(&cx.traceparent()) {
+        if let Ok(v) = http::HeaderValue::try_from(cx.traceparent()) {
             headers.insert(TRACEPARENT, v);
         }
         return;
     }
+    // Otherwise the OpenTelemetry layer holds the span's context.
     let span = tracing::Span::current();
     if span.is_disabled() {
-        return;
-    }
-    if let Some(cx) = trace_context::of(&span) {
-        if let Ok(v) = http::HeaderValue::from_str(&cx.traceparent()) {
-            headers.insert(TRACEPARENT, v);
-        }
         return;
     }
     let cx = span.context();
