@@ -75,8 +75,8 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub data_plane_threads: u16,
     /// Idle polling of the in-process mesh's data plane (as `crewmesh up
-    /// --data-plane-idle-poll`), e.g. 2ms; 0: off.
-    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    /// --data-plane-idle-poll`, and with its default); 0: off.
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     pub data_plane_idle_poll: Duration,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
@@ -96,7 +96,7 @@ impl GatewayArgs {
             warmup: Duration::from_secs(2),
             rates: vec![500, 1000],
             data_plane_threads: 1,
-            data_plane_idle_poll: Duration::ZERO,
+            data_plane_idle_poll: up::DEFAULT_DATA_PLANE_IDLE_POLL,
             json: false,
         }
     }
@@ -608,6 +608,20 @@ pub fn table(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_defaults_are_the_in_process_ones() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: GatewayArgs,
+        }
+        let (parsed, defaults) = (Cli::parse_from(["bench"]).args, GatewayArgs::in_process());
+        assert_eq!(parsed.data_plane_idle_poll, defaults.data_plane_idle_poll);
+        assert_eq!(parsed.rates, defaults.rates);
+        assert_eq!(parsed.duration, defaults.duration);
+    }
 
     #[test]
     fn durations_parse() {

@@ -59,10 +59,11 @@ enum Command {
         /// requests per second. See docs/performance.md.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         data_plane_threads: u16,
-        /// How long the data plane keeps polling its sockets after its last work before
-        /// its threads sleep, e.g. 2ms (0: it sleeps at once). Lower latency for a
-        /// busy CPU; for a data plane with a CPU of its own. See docs/performance.md.
-        #[arg(long, default_value = "0", value_parser = bench::parse_duration)]
+        /// The longest the data plane keeps polling its sockets after its last work
+        /// before its threads sleep (0: it sleeps at once). The window adapts: requests
+        /// further apart than this cost no polling. Lower latency at a steady rate for a
+        /// CPU. See docs/performance.md.
+        #[arg(long, default_value = "2ms", value_parser = bench::parse_duration)]
         data_plane_idle_poll: std::time::Duration,
     },
     /// Run one service (distributed mode, e.g. one Kubernetes Deployment per service).

@@ -35,10 +35,15 @@ pub struct UpOptions {
     pub refresh_interval: Duration,
     /// Worker threads of the data plane's runtime (see [`ServiceRuntime`]).
     pub data_plane_threads: usize,
-    /// How long the data plane keeps polling its sockets after its last work before
-    /// its threads sleep (`crewmesh_kit::idle_poll`); zero (the default): not at all.
+    /// The longest the data plane keeps polling its sockets after its last work
+    /// before its threads sleep (`crewmesh_kit::idle_poll`: the window adapts up to
+    /// this); zero: not at all. Default [`DEFAULT_DATA_PLANE_IDLE_POLL`].
     pub data_plane_idle_poll: Duration,
 }
+
+/// The data plane's longest idle-poll window by default: requests that come at least
+/// every 2 ms (500 req/s) keep it awake; sparser ones cost no polling.
+pub const DEFAULT_DATA_PLANE_IDLE_POLL: Duration = Duration::from_millis(2);
 
 impl UpOptions {
     /// The defaults of `crewmesh up`: embedded config store and SQLite under `data_dir`.
@@ -51,7 +56,7 @@ impl UpOptions {
             databases: DatabaseChoice::Sqlite,
             refresh_interval: Duration::from_millis(500),
             data_plane_threads: 1,
-            data_plane_idle_poll: Duration::ZERO,
+            data_plane_idle_poll: DEFAULT_DATA_PLANE_IDLE_POLL,
         }
     }
 }
@@ -148,10 +153,11 @@ type Tasks = JoinSet<(Service, anyhow::Result<()>)>;
 ///   writes and usage rollups use what the data plane leaves and do not delay a model
 ///   call's turn on the CPU.
 ///
-/// With `--data-plane-idle-poll`, the data plane polls its sockets for a while after
-/// its last work before its threads sleep: at a steady rate of requests it never
-/// sleeps, and no request finds its CPU idle with cold caches
-/// (`crewmesh_kit::idle_poll`; the cost is a CPU, see docs/performance.md).
+/// The data plane polls its sockets for a while after its last work before its
+/// threads sleep (`--data-plane-idle-poll`, up to 2 ms by default): at a steady rate
+/// of requests it never sleeps, and no request finds its CPU idle with cold caches
+/// (`crewmesh_kit::idle_poll`; the cost is the CPU it polls on, see
+/// docs/performance.md).
 ///
 /// The data plane's services deliver their audit events and usage records from the
 /// bookkeeping runtime ([`ServiceRuntime::delivering_on`]): of each record, only its
@@ -171,8 +177,8 @@ const BOOKKEEPING_NICE: i32 = 10;
 
 impl ServiceRuntime {
     /// `threads`: worker threads (`None`: one per CPU); `nice`: their CPU priority
-    /// ([`lower_priority`]); `idle_poll`: how long a worker polls after its last work
-    /// before it sleeps (zero: it sleeps at once; see `crewmesh_kit::idle_poll`).
+    /// ([`lower_priority`]); `idle_poll`: the longest a worker polls after its last
+    /// work before it sleeps (zero: it sleeps at once; see `crewmesh_kit::idle_poll`).
     fn new(
         name: &'static str,
         threads: Option<usize>,
@@ -185,7 +191,9 @@ impl ServiceRuntime {
         }
         let idle_poll = (!idle_poll.is_zero()).then(|| IdlePoll::new(idle_poll));
         if let Some(poll) = &idle_poll {
-            builder.on_thread_unpark(poll.on_unpark());
+            builder
+                .on_thread_park(poll.on_park())
+                .on_thread_unpark(poll.on_unpark());
         }
         let runtime = builder
             .thread_name(name)

@@ -1,6 +1,6 @@
-//! `crewmesh bench gateway` runs end to end (in-process mesh, here with its data plane
-//! idle-polling) and prints a parseable JSON report. Only counts are checked, never
-//! timings.
+//! `crewmesh bench gateway` runs end to end (in-process mesh, with `crewmesh up`'s
+//! defaults, the data plane's idle polling included) and prints a parseable JSON
+//! report. Only counts are checked, never timings.
 
 use std::process::Command;
 
@@ -18,8 +18,6 @@ fn bench_gateway_prints_a_json_report() {
             "0s",
             "--rates",
             "50",
-            "--data-plane-idle-poll",
-            "2ms",
             "--json",
         ])
         .output()

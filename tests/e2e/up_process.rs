@@ -185,13 +185,20 @@ fn up_refuses_a_data_plane_without_threads() {
     );
 }
 
-/// `crewmesh up --data-plane-idle-poll`: model calls are answered while the data plane
-/// polls between them, and Ctrl-C still stops it cleanly (its pollers end with it).
+/// `crewmesh up --data-plane-idle-poll`: model calls are answered with the data plane
+/// polling up to a long window between them and with it not polling at all (the
+/// other tests run with the default), and Ctrl-C still stops it cleanly (its pollers
+/// end with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_with_idle_polling_answers_and_stops_cleanly() {
+async fn up_answers_with_any_idle_polling_and_stops_cleanly() {
+    for window in ["50ms", "0"] {
+        up_answers_and_stops_cleanly(&["--data-plane-idle-poll", window]).await;
+    }
+}
+
+async fn up_answers_and_stops_cleanly(args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let (child, gateway, key) =
-        up_process(dir.path(), &["--data-plane-idle-poll", "50ms"], &[]).await;
+    let (child, gateway, key) = up_process(dir.path(), args, &[]).await;
     let client = reqwest::Client::new();
     for i in 0..3 {
         let resp = client
