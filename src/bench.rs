@@ -172,7 +172,7 @@ pub struct Report {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub cores: usize,
-    /// The in-process data plane's idle-poll window in ms (0: off); `None` for an
+    /// The in-process data plane's longest idle-poll window in ms (0: off); `None` for an
     /// external mesh, whose setting the benchmark cannot see.
     pub data_plane_idle_poll_ms: Option<f64>,
     pub scenarios: Vec<Scenario>,
@@ -554,7 +554,7 @@ async fn run_slice(
 /// The report as a Markdown table.
 pub fn table(report: &Report) -> String {
     let idle_poll = match report.data_plane_idle_poll_ms {
-        Some(ms) if ms > 0.0 => format!(", data plane idle poll {ms} ms"),
+        Some(ms) if ms > 0.0 => format!(", data plane idle poll up to {ms} ms"),
         Some(_) => ", data plane idle poll off".to_owned(),
         None => String::new(),
     };
