@@ -214,10 +214,16 @@ async fn up_answers_and_stops_cleanly(args: &[&str]) {
 }
 
 #[test]
-fn up_refuses_an_idle_poll_that_is_not_a_duration() {
+fn up_refuses_an_idle_poll_that_is_not_a_duration_or_too_long() {
     let stderr = up_refuses(&["--data-plane-idle-poll", "fast"]);
     assert!(
         stderr.contains("'--data-plane-idle-poll") && stderr.contains("not a duration"),
+        "{stderr}"
+    );
+    let stderr = up_refuses(&["--data-plane-idle-poll", "2s"]);
+    assert!(
+        stderr.contains("'--data-plane-idle-poll")
+            && stderr.contains("longer than the longest idle-poll window, 1s"),
         "{stderr}"
     );
 }

@@ -160,7 +160,7 @@ impl Window {
         let start = max / Self::START_DIVISOR;
         if idle <= max {
             // A longer poll would have caught this work.
-            (window * 2).clamp(start, max)
+            window.saturating_mul(2).clamp(start, max)
         } else if window / 2 < start {
             Duration::ZERO
         } else {
@@ -322,6 +322,11 @@ mod tests {
             seen.push(window);
         }
         assert_eq!(seen, [ms(1), ms(2), ms(4), ms(8), ms(16), ms(16)]);
+        // No overflow, however long the window.
+        assert_eq!(
+            Window::adapt(Duration::MAX, Duration::MAX, ms(1)),
+            Duration::MAX
+        );
     }
 
     #[test]
