@@ -63,7 +63,7 @@ enum Command {
         /// before its threads sleep (0: it sleeps at once). The window adapts: requests
         /// further apart than this cost no polling. Lower latency at a steady rate for a
         /// CPU. See docs/performance.md.
-        #[arg(long, default_value = "2ms", value_parser = bench::parse_idle_poll)]
+        #[arg(long, default_value = up::DEFAULT_DATA_PLANE_IDLE_POLL_ARG, value_parser = up::parse_idle_poll)]
         data_plane_idle_poll: std::time::Duration,
     },
     /// Run one service (distributed mode, e.g. one Kubernetes Deployment per service).

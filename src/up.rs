@@ -41,9 +41,28 @@ pub struct UpOptions {
     pub data_plane_idle_poll: Duration,
 }
 
-/// The data plane's longest idle-poll window by default: requests that come at least
-/// every 2 ms (500 req/s) keep it awake; sparser ones cost no polling.
+/// The data plane's longest idle-poll window by default: a worker idle for less than
+/// this between requests keeps polling; requests further apart cost no polling.
 pub const DEFAULT_DATA_PLANE_IDLE_POLL: Duration = Duration::from_millis(2);
+
+/// [`DEFAULT_DATA_PLANE_IDLE_POLL`] as the command line writes it (`crewmesh up` and
+/// `crewmesh bench gateway` take it as their default).
+pub const DEFAULT_DATA_PLANE_IDLE_POLL_ARG: &str = "2ms";
+
+/// The longest idle-poll window `--data-plane-idle-poll` accepts.
+pub const MAX_DATA_PLANE_IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// A `--data-plane-idle-poll` window: a duration (`5ms`, `200us`, `0`, ...) of at most
+/// [`MAX_DATA_PLANE_IDLE_POLL`].
+pub fn parse_idle_poll(text: &str) -> Result<Duration, String> {
+    let window = crate::bench::parse_duration(text)?;
+    if window > MAX_DATA_PLANE_IDLE_POLL {
+        return Err(format!(
+            "{text:?} is longer than the longest idle-poll window, {MAX_DATA_PLANE_IDLE_POLL:?}"
+        ));
+    }
+    Ok(window)
+}
 
 impl UpOptions {
     /// The defaults of `crewmesh up`: embedded config store and SQLite under `data_dir`.
@@ -653,6 +672,25 @@ async fn wait_ready(services: &BTreeMap<String, ServiceEndpoints>) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_poll_windows_are_durations_of_at_most_a_second() {
+        assert_eq!(
+            parse_idle_poll(DEFAULT_DATA_PLANE_IDLE_POLL_ARG),
+            Ok(DEFAULT_DATA_PLANE_IDLE_POLL)
+        );
+        assert_eq!(parse_idle_poll("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_idle_poll("1s"), Ok(MAX_DATA_PLANE_IDLE_POLL));
+        assert_eq!(
+            parse_idle_poll("10000000000000000000s"),
+            Err(
+                "\"10000000000000000000s\" is longer than the longest idle-poll window, 1s"
+                    .to_owned()
+            )
+        );
+        assert!(parse_idle_poll("1.5s").is_err());
+        assert!(parse_idle_poll("fast").is_err());
+    }
 
     #[tokio::test]
     async fn a_service_runtime_has_the_threads_asked_for_and_runs_its_tasks() {

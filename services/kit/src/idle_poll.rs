@@ -50,7 +50,7 @@ pub struct IdlePoll {
 #[derive(Debug)]
 struct Shared {
     wake: Notify,
-    /// The window now, in nanoseconds (see [`Window`]).
+    /// The window now, in nanoseconds (see [`adapt`]).
     window_ns: AtomicU64,
     max: Duration,
 }
@@ -95,7 +95,7 @@ impl IdlePoll {
             let window = match PARKED_AT.with(Cell::take) {
                 Some(parked) => {
                     let idle = POLLED_IDLE.with(Cell::take) + parked.elapsed();
-                    let adapted = Window::adapt(window, shared.max, idle);
+                    let adapted = adapt(window, shared.max, idle);
                     shared.window_ns.store(nanos(adapted), Ordering::Relaxed);
                     adapted
                 }
@@ -147,25 +147,20 @@ impl IdlePoll {
     }
 }
 
-/// How the polling window adapts to the sleeps between pieces of work.
-struct Window;
+/// The smallest window that is not zero, as a fraction of the largest.
+const START_DIVISOR: u32 = 16;
 
-impl Window {
-    /// The smallest window that is not zero, as a fraction of the largest.
-    const START_DIVISOR: u32 = 16;
-
-    /// The window (at most `max`) after a worker was `idle` between two pieces of
-    /// work: polling without work, then asleep.
-    fn adapt(window: Duration, max: Duration, idle: Duration) -> Duration {
-        let start = max / Self::START_DIVISOR;
-        if idle <= max {
-            // A longer poll would have caught this work.
-            window.saturating_mul(2).clamp(start, max)
-        } else if window / 2 < start {
-            Duration::ZERO
-        } else {
-            window / 2
-        }
+/// The window (at most `max`) after a worker was `idle` between two pieces of work:
+/// polling without work, then asleep.
+fn adapt(window: Duration, max: Duration, idle: Duration) -> Duration {
+    let start = max / START_DIVISOR;
+    if idle <= max {
+        // A longer poll would have caught this work.
+        window.saturating_mul(2).clamp(start, max)
+    } else if window / 2 < start {
+        Duration::ZERO
+    } else {
+        window / 2
     }
 }
 
@@ -310,7 +305,7 @@ mod tests {
         let mut window = max;
         let mut seen = vec![];
         for _ in 0..6 {
-            window = Window::adapt(window, max, ms(50));
+            window = adapt(window, max, ms(50));
             seen.push(window);
         }
         assert_eq!(seen, [ms(8), ms(4), ms(2), ms(1), ms(0), ms(0)]);
@@ -318,15 +313,12 @@ mod tests {
         // doubles from max / 16, up to `max`.
         seen.clear();
         for _ in 0..6 {
-            window = Window::adapt(window, max, ms(1));
+            window = adapt(window, max, ms(1));
             seen.push(window);
         }
         assert_eq!(seen, [ms(1), ms(2), ms(4), ms(8), ms(16), ms(16)]);
         // No overflow, however long the window.
-        assert_eq!(
-            Window::adapt(Duration::MAX, Duration::MAX, ms(1)),
-            Duration::MAX
-        );
+        assert_eq!(adapt(Duration::MAX, Duration::MAX, ms(1)), Duration::MAX);
     }
 
     #[test]
