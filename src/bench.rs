@@ -11,7 +11,8 @@
 //!   pacer that falls behind shows in the figures instead of silently lowering the offered
 //!   load (no coordinated omission). The targets alternate in one-second slices (the
 //!   answers of a slice are awaited before the next starts), so both see the same machine
-//!   conditions.
+//!   conditions; the CPU time a hypervisor took from the machine during each target's
+//!   slices is reported beside them ([`steal`]).
 //!
 //! One HTTP/1.1 client with a keep-alive connection pool sends the same chat completion
 //! to both targets. By default the mesh is started in this process exactly like
@@ -29,6 +30,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::up::{self, UpOptions};
+
+mod steal;
 
 /// Length of one slice of an open-loop scenario (targets alternate slice by slice).
 const SLICE: Duration = Duration::from_secs(1);
@@ -141,6 +144,11 @@ pub struct Stats {
     /// time (pacer and scheduler lag; it is part of the latency figures).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start_lag_p99_ms: Option<f64>,
+    /// Open loop only, where the kernel reports it: CPU time the hypervisor took from
+    /// this machine's CPUs while this target was measured (`steal` in `/proc/stat`, in
+    /// clock ticks of 10 ms on most kernels). Stalls it causes are in the latencies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steal_ms: Option<f64>,
 }
 
 /// Gateway minus direct, per percentile, in milliseconds.
@@ -193,6 +201,8 @@ struct Samples {
     /// Time the target was being measured (sum of its slices or of its requests).
     wall: Duration,
     start_lags: Vec<Duration>,
+    /// Open loop: steal time during the target's slices, if the kernel reports it.
+    steal: Option<Duration>,
 }
 
 impl Samples {
@@ -213,6 +223,10 @@ impl Samples {
             p99_ms: ms(percentile(&self.latencies, 0.99)),
             max_ms: ms(self.latencies.last()),
             start_lag_p99_ms: open_loop.then(|| ms(percentile(&self.start_lags, 0.99))),
+            steal_ms: self
+                .steal
+                .filter(|_| open_loop)
+                .map(|d| d.as_secs_f64() * 1_000.0),
         }
     }
 }
@@ -489,7 +503,12 @@ async fn open_loop(
         let slice = remaining.min(SLICE);
         remaining -= slice;
         for (target, samples) in targets.iter().zip(samples.iter_mut()) {
+            let stolen_before = steal::total();
             run_slice(load, target, rate, slice, samples).await;
+            if let (Some(before), Some(after)) = (stolen_before, steal::total()) {
+                let stolen = after.saturating_sub(before);
+                samples.steal = Some(samples.steal.unwrap_or_default() + stolen);
+            }
         }
     }
     samples
@@ -602,6 +621,22 @@ pub fn table(report: &Report) -> String {
             lags.join("; ")
         ));
     }
+    let steal: Vec<String> = report
+        .scenarios
+        .iter()
+        .filter_map(|s| {
+            Some(format!(
+                "{}: {:.0} ms direct / {:.0} ms gateway",
+                s.scenario, s.direct.steal_ms?, s.gateway.steal_ms?
+            ))
+        })
+        .collect();
+    if !steal.is_empty() {
+        out.push_str(&format!(
+            "steal (CPU time a hypervisor took from this machine; its stalls are in the latencies) while each target was measured: {}\n",
+            steal.join("; ")
+        ));
+    }
     out
 }
 
@@ -656,6 +691,7 @@ mod tests {
             errors: 1,
             wall: Duration::from_secs(2),
             start_lags: vec![Duration::from_millis(1)],
+            steal: Some(Duration::from_millis(20)),
         };
         let direct = samples(&[1, 2, 3, 4]).stats(true);
         let gateway = samples(&[2, 4, 6, 8]).stats(true);
@@ -663,9 +699,14 @@ mod tests {
         assert_eq!(direct.errors, 1);
         assert_eq!(direct.throughput_rps, 2.0);
         assert_eq!(direct.start_lag_p99_ms, Some(1.0));
+        assert_eq!(direct.steal_ms, Some(20.0));
         let o = overhead(&gateway, &direct);
         assert_eq!((o.p50_ms, o.p99_ms, o.max_ms), (2.0, 4.0, 4.0));
-        assert_eq!(samples(&[1]).stats(false).start_lag_p99_ms, None);
+        let sequential = samples(&[1]).stats(false);
+        assert_eq!(
+            (sequential.start_lag_p99_ms, sequential.steal_ms),
+            (None, None)
+        );
     }
 
     #[test]

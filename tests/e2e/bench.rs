@@ -47,6 +47,14 @@ fn bench_gateway_prints_a_json_report() {
         }
         assert!(scenario["overhead"]["p50_ms"].is_number(), "{scenario}");
     }
+    // The steal time of the open-loop slices, where the kernel counts it; never in the
+    // sequential scenario.
+    if cfg!(target_os = "linux") {
+        for target in ["direct", "gateway"] {
+            assert!(scenarios[1][target]["steal_ms"].as_f64() >= Some(0.0));
+            assert!(scenarios[0][target].get("steal_ms").is_none());
+        }
+    }
     // 50 req/s for 1 s per target: exactly 50 scheduled sends each.
     assert_eq!(scenarios[1]["direct"]["requests"], 50);
     assert_eq!(scenarios[1]["gateway"]["requests"], 50);
