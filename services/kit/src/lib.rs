@@ -12,6 +12,7 @@
 //! - [`flags`]: the in-process feature flag evaluator (OpenFeature semantics).
 //! - [`pki`]: the development CA used by `crewmesh up` and `crewmesh certs init`.
 //! - [`status`]: the single mapping from service errors to gRPC statuses.
+//! - [`sql`]: multi-row statements whose text repeats, so they stay prepared.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod principal;
 pub mod server;
 pub mod settings;
 pub mod spool;
+pub mod sql;
 pub mod status;
 pub mod tasks;
 pub mod telemetry;

@@ -1,21 +1,21 @@
 //! The SQLite store (the embedded mode): one writer at a time, inside this process by
-//! a mutex and across processes by `BEGIN IMMEDIATE`, which takes the database's
-//! write lock before the chain head is read.
-
-use std::sync::Arc;
+//! a pool of one connection for writes and across processes by `BEGIN IMMEDIATE`,
+//! which takes the database's write lock before the chain head is read.
 
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 
 use crewmesh_kit::settings::DatabaseConfig;
+use crewmesh_kit::sql::power_of_two_chunks;
 
-use super::{AuditStore, MIGRATIONS_TABLE, is_sqlite_memory, sqlite_options};
+use super::{AuditStore, MIGRATIONS_TABLE, is_sqlite_memory, single_connection, sqlite_options};
 
 super::sql::shared_sql!(sqlx::Sqlite);
 
-// Multi-row VALUES lists and IN lists: SQLite has no arrays.
+// Multi-row VALUES lists and IN lists (SQLite has no arrays), in chunks whose sizes
+// are powers of two, so that their statements stay prepared.
 pub(super) async fn existing_ids(conn: &mut Conn, events: &[NewEvent]) -> Result<HashSet<String>> {
     let mut found = HashSet::new();
-    for chunk in events.chunks(LOOKUP_CHUNK) {
+    for chunk in power_of_two_chunks(events, LOOKUP_CHUNK) {
         let mut qb = QueryBuilder::<sqlx::Sqlite>::new("SELECT id FROM audit_events WHERE id IN (");
         let mut list = qb.separated(", ");
         for event in chunk {
@@ -30,6 +30,13 @@ pub(super) async fn existing_ids(conn: &mut Conn, events: &[NewEvent]) -> Result
 }
 
 pub(super) async fn insert_events(conn: &mut Conn, records: &[EventRecord]) -> Result<()> {
+    for chunk in power_of_two_chunks(records, INSERT_CHUNK) {
+        insert_chunk(conn, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn insert_chunk(conn: &mut Conn, records: &[EventRecord]) -> Result<()> {
     let mut qb =
         QueryBuilder::<sqlx::Sqlite>::new(format!("INSERT INTO audit_events ({EVENT_COLUMNS}) "));
     qb.push_values(records, |mut row, e| {
@@ -58,35 +65,41 @@ const HEAD_SELECT: &str = "SELECT sequence, hash FROM audit_chain_heads WHERE ch
 
 #[derive(Debug, Clone)]
 pub struct SqliteAuditStore {
+    /// Reads.
     pool: SqlitePool,
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// Appends and retention cuts, one at a time on one connection (the same as `pool`
+    /// for an in-memory database). In WAL mode a connection drops its page cache when
+    /// another one wrote since its last transaction; with every write on one
+    /// connection, its cache and its prepared statements stay warm.
+    writer: SqlitePool,
 }
 
 impl SqliteAuditStore {
     /// Opens (creating it if missing) the database file and migrates. An in-memory
     /// URL gets a single connection that is never recycled.
     pub async fn connect(db: &DatabaseConfig) -> Result<Self> {
-        let mut options = SqlitePoolOptions::new().max_connections(db.max_connections);
+        let options = sqlite_options(db)?;
         if is_sqlite_memory(&db.url) {
-            options = options
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None);
+            let pool = single_connection().connect_with(options).await?;
+            return Self::migrated(pool.clone(), pool).await;
         }
-        let pool = options.connect_with(sqlite_options(db)?).await?;
-        Self::from_pool(pool).await
+        let pool = SqlitePoolOptions::new()
+            .max_connections(db.max_connections)
+            .connect_with(options.clone())
+            .await?;
+        // A local file cannot go stale like a network connection: no ping per use.
+        let writer = single_connection()
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        Self::migrated(pool, writer).await
     }
 
-    /// Uses an existing pool; runs the migrations.
-    pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
+    async fn migrated(pool: SqlitePool, writer: SqlitePool) -> Result<Self> {
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrator.run(&pool).await?;
-        Ok(Self {
-            pool,
-            writer: Arc::new(tokio::sync::Mutex::new(())),
-        })
+        migrator.run(&writer).await?;
+        Ok(Self { pool, writer })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -97,8 +110,7 @@ impl SqliteAuditStore {
 impl AuditStore for SqliteAuditStore {
     #[tracing::instrument(skip_all, fields(chain = %chain, events = events.len()))]
     async fn append(&self, chain: &str, events: Vec<NewEvent>) -> Result<AppendOutcome> {
-        let _writer = self.writer.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let outcome = append_in_tx(&mut tx, chain, events, HEAD_SELECT).await?;
         tx.commit().await?;
         Ok(outcome)
@@ -146,8 +158,7 @@ impl AuditStore for SqliteAuditStore {
     }
 
     async fn retention_cut(&self, cut: &CheckpointRecord) -> Result<u64> {
-        let _writer = self.writer.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let removed = retention_cut_in_tx(&mut tx, cut).await?;
         tx.commit().await?;
         Ok(removed)
@@ -155,5 +166,6 @@ impl AuditStore for SqliteAuditStore {
 
     async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }

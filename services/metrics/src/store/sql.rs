@@ -37,7 +37,8 @@ macro_rules! shared_sql {
                 .collect();
             let mut inserted = HashSet::with_capacity(unique.len());
             let mut tx = pool.begin().await?;
-            for chunk in unique.chunks(INSERT_CHUNK) {
+            // Chunks of power-of-two sizes: their statements stay prepared.
+            for chunk in crewmesh_kit::sql::power_of_two_chunks(&unique, INSERT_CHUNK) {
                 let mut qb = QueryBuilder::<$db>::new(format!(
                     "INSERT INTO usage_records ({USAGE_COLUMNS}) "
                 ));
