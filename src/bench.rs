@@ -605,37 +605,34 @@ pub fn table(report: &Report) -> String {
             s.scenario, o.p50_ms, o.p90_ms, o.p99_ms, o.max_ms
         ));
     }
-    let lags: Vec<String> = report
-        .scenarios
-        .iter()
-        .filter_map(|s| {
-            Some(format!(
-                "{}: {:.3} ms direct / {:.3} ms gateway",
-                s.scenario, s.direct.start_lag_p99_ms?, s.gateway.start_lag_p99_ms?
-            ))
-        })
-        .collect();
-    if !lags.is_empty() {
-        out.push_str(&format!(
-            "\np99 start lag behind the schedule (included in the latencies): {}\n",
-            lags.join("; ")
-        ));
-    }
-    let steal: Vec<String> = report
-        .scenarios
-        .iter()
-        .filter_map(|s| {
-            Some(format!(
-                "{}: {:.0} ms direct / {:.0} ms gateway",
-                s.scenario, s.direct.steal_ms?, s.gateway.steal_ms?
-            ))
-        })
-        .collect();
-    if !steal.is_empty() {
-        out.push_str(&format!(
-            "steal (CPU time a hypervisor took from this machine; its stalls are in the latencies) while each target was measured: {}\n",
-            steal.join("; ")
-        ));
+    out.push('\n');
+    for (what, field, decimals) in [
+        (
+            "p99 start lag behind the schedule (included in the latencies)",
+            (|s: &Stats| s.start_lag_p99_ms) as fn(&Stats) -> Option<f64>,
+            3,
+        ),
+        (
+            "steal (CPU time a hypervisor took from this machine; its stalls are in the latencies) while each target was measured",
+            |s: &Stats| s.steal_ms,
+            0,
+        ),
+    ] {
+        let per_scenario: Vec<String> = report
+            .scenarios
+            .iter()
+            .filter_map(|s| {
+                Some(format!(
+                    "{}: {:.decimals$} ms direct / {:.decimals$} ms gateway",
+                    s.scenario,
+                    field(&s.direct)?,
+                    field(&s.gateway)?
+                ))
+            })
+            .collect();
+        if !per_scenario.is_empty() {
+            out.push_str(&format!("{what}: {}\n", per_scenario.join("; ")));
+        }
     }
     out
 }
@@ -707,6 +704,52 @@ mod tests {
             (sequential.start_lag_p99_ms, sequential.steal_ms),
             (None, None)
         );
+    }
+
+    #[test]
+    fn the_table_gives_start_lag_and_steal_per_open_loop_scenario() {
+        let samples = |open_loop: bool| {
+            Samples {
+                latencies: vec![Duration::from_millis(2)],
+                errors: 0,
+                wall: Duration::from_secs(1),
+                start_lags: vec![Duration::from_micros(250)],
+                steal: Some(Duration::from_millis(30)),
+            }
+            .stats(open_loop)
+        };
+        let scenario = |name: &str, open_loop: bool| Scenario {
+            scenario: name.to_owned(),
+            rate_rps: open_loop.then_some(1_000),
+            overhead: overhead(&samples(open_loop), &samples(open_loop)),
+            direct: samples(open_loop),
+            gateway: samples(open_loop),
+        };
+        let report = Report {
+            upstream: "simulated",
+            mesh: "external",
+            model: "sim-small".to_owned(),
+            duration_s: 1.0,
+            warmup_s: 0.0,
+            cores: 2,
+            data_plane_idle_poll_ms: None,
+            scenarios: vec![scenario("seq", false), scenario("1000 req/s", true)],
+        };
+        let table = table(&report);
+        assert!(
+            table.contains(
+                "p99 start lag behind the schedule (included in the latencies): \
+                 1000 req/s: 0.250 ms direct / 0.250 ms gateway\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "while each target was measured: 1000 req/s: 30 ms direct / 30 ms gateway\n"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("seq:"), "{table}");
     }
 
     #[test]

@@ -224,22 +224,6 @@ pub(crate) fn sqlite_options(db: &DatabaseConfig) -> Result<sqlx::sqlite::Sqlite
         .foreign_keys(true))
 }
 
-/// A pool of one SQLite connection that is never recycled: the only connection of an
-/// in-memory database, or the writer of a file.
-pub(crate) fn single_connection() -> sqlx::sqlite::SqlitePoolOptions {
-    sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .idle_timeout(None)
-        .max_lifetime(None)
-}
-
-/// True for SQLite URLs of an in-memory database, which lives only as long as its
-/// one connection.
-pub(crate) fn is_sqlite_memory(url: &str) -> bool {
-    url.contains(":memory:") || url.contains("mode=memory")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

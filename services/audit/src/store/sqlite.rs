@@ -2,12 +2,12 @@
 //! a pool of one connection for writes and across processes by `BEGIN IMMEDIATE`,
 //! which takes the database's write lock before the chain head is read.
 
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 
 use crewmesh_kit::settings::DatabaseConfig;
-use crewmesh_kit::sql::power_of_two_chunks;
+use crewmesh_kit::sql::{SqlitePools, power_of_two_chunks};
 
-use super::{AuditStore, MIGRATIONS_TABLE, is_sqlite_memory, single_connection, sqlite_options};
+use super::{AuditStore, MIGRATIONS_TABLE, sqlite_options};
 
 super::sql::shared_sql!(sqlx::Sqlite);
 
@@ -67,10 +67,7 @@ const HEAD_SELECT: &str = "SELECT sequence, hash FROM audit_chain_heads WHERE ch
 pub struct SqliteAuditStore {
     /// Reads.
     pool: SqlitePool,
-    /// Appends and retention cuts, one at a time on one connection (the same as `pool`
-    /// for an in-memory database). In WAL mode a connection drops its page cache when
-    /// another one wrote since its last transaction; with every write on one
-    /// connection, its cache and its prepared statements stay warm.
+    /// Writes, one at a time on one connection (see `crewmesh_kit::sql::SqlitePools`).
     writer: SqlitePool,
 }
 
@@ -78,21 +75,9 @@ impl SqliteAuditStore {
     /// Opens (creating it if missing) the database file and migrates. An in-memory
     /// URL gets a single connection that is never recycled.
     pub async fn connect(db: &DatabaseConfig) -> Result<Self> {
-        let options = sqlite_options(db)?;
-        if is_sqlite_memory(&db.url) {
-            let pool = single_connection().connect_with(options).await?;
-            return Self::migrated(pool.clone(), pool).await;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(db.max_connections)
-            .connect_with(options.clone())
-            .await?;
-        // A local file cannot go stale like a network connection: no ping per use.
-        let writer = single_connection()
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
-        Self::migrated(pool, writer).await
+        let SqlitePools { reader, writer } =
+            SqlitePools::open(&db.url, db.max_connections, sqlite_options(db)?).await?;
+        Self::migrated(reader, writer).await
     }
 
     async fn migrated(pool: SqlitePool, writer: SqlitePool) -> Result<Self> {

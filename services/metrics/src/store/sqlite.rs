@@ -1,10 +1,11 @@
 //! The SQLite store (the embedded mode).
 
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 
 use crewmesh_kit::settings::DatabaseConfig;
+use crewmesh_kit::sql::SqlitePools;
 
-use super::{MIGRATIONS_TABLE, UsageStore, is_sqlite_memory, single_connection, sqlite_options};
+use super::{MIGRATIONS_TABLE, UsageStore, sqlite_options};
 
 super::sql::shared_sql!(sqlx::Sqlite);
 
@@ -12,10 +13,7 @@ super::sql::shared_sql!(sqlx::Sqlite);
 pub struct SqliteUsageStore {
     /// Reads.
     pool: SqlitePool,
-    /// Writes, on one connection (the same as `pool` for an in-memory database). In WAL
-    /// mode a connection drops its page cache when another one wrote since its last
-    /// transaction; with every write on one connection, its cache and its prepared
-    /// statements stay warm.
+    /// Writes, one at a time on one connection (see `crewmesh_kit::sql::SqlitePools`).
     writer: SqlitePool,
 }
 
@@ -23,21 +21,9 @@ impl SqliteUsageStore {
     /// Opens (creating it if missing) the database file and migrates. An in-memory
     /// URL gets a single connection that is never recycled.
     pub async fn connect(db: &DatabaseConfig) -> Result<Self> {
-        let options = sqlite_options(db)?;
-        if is_sqlite_memory(&db.url) {
-            let pool = single_connection().connect_with(options).await?;
-            return Self::migrated(pool.clone(), pool).await;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(db.max_connections)
-            .connect_with(options.clone())
-            .await?;
-        // A local file cannot go stale like a network connection: no ping per use.
-        let writer = single_connection()
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
-        Self::migrated(pool, writer).await
+        let SqlitePools { reader, writer } =
+            SqlitePools::open(&db.url, db.max_connections, sqlite_options(db)?).await?;
+        Self::migrated(reader, writer).await
     }
 
     async fn migrated(pool: SqlitePool, writer: SqlitePool) -> Result<Self> {
