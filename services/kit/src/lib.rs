@@ -12,7 +12,8 @@
 //! - [`flags`]: the in-process feature flag evaluator (OpenFeature semantics).
 //! - [`pki`]: the development CA used by `crewmesh up` and `crewmesh certs init`.
 //! - [`status`]: the single mapping from service errors to gRPC statuses.
-//! - [`sql`]: multi-row statements whose text repeats, so they stay prepared.
+//! - [`sql`]: an embedded SQLite database's reader pool and single writer, and
+//!   multi-row statements whose text repeats, so they stay prepared.
 
 #![forbid(unsafe_code)]
 
