@@ -77,7 +77,7 @@ impl IdlePoll {
 
     /// The window a worker polls for now.
     pub fn window(&self) -> Duration {
-        Duration::from_nanos(self.shared.window_ns.load(Ordering::Relaxed))
+        self.shared.window()
     }
 
     /// The runtime builder's `on_thread_park` hook: a worker goes to sleep.
@@ -91,15 +91,14 @@ impl IdlePoll {
     pub fn on_unpark(&self) -> impl Fn() + Send + Sync + 'static {
         let shared = self.shared.clone();
         move || {
-            let window = Duration::from_nanos(shared.window_ns.load(Ordering::Relaxed));
             let window = match PARKED_AT.with(Cell::take) {
                 Some(parked) => {
                     let idle = POLLED_IDLE.with(Cell::take) + parked.elapsed();
-                    let adapted = adapt(window, shared.max, idle);
+                    let adapted = adapt(shared.window(), shared.max, idle);
                     shared.window_ns.store(nanos(adapted), Ordering::Relaxed);
                     adapted
                 }
-                None => window,
+                None => shared.window(),
             };
             if !window.is_zero() {
                 shared.wake.notify_one();
@@ -147,6 +146,12 @@ impl IdlePoll {
     }
 }
 
+impl Shared {
+    fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
+    }
+}
+
 /// The smallest window that is not zero, as a fraction of the largest.
 const START_DIVISOR: u32 = 16;
 
@@ -171,11 +176,35 @@ fn nanos(d: Duration) -> u64 {
 /// Write system calls the calling thread has made (`syscw` of
 /// `/proc/thread-self/io`), or `None` where the kernel does not say: the poller then
 /// stops after one window.
+///
+/// It runs on the data plane's thread once per window, so it reads the file the thread
+/// opened the first time (`thread-self` is resolved at open) from offset 0 into a
+/// buffer on the stack: no open, close or allocation per read.
+#[cfg(target_os = "linux")]
 fn thread_writes() -> Option<u64> {
-    let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
-    io.lines()
-        .find_map(|line| line.strip_prefix("syscw:"))
-        .and_then(|count| count.trim().parse().ok())
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static IO: Option<std::fs::File> = std::fs::File::open("/proc/thread-self/io").ok();
+    }
+    IO.with(|io| {
+        let mut buf = [0u8; 512];
+        let n = io.as_ref()?.read_at(&mut buf, 0).ok()?;
+        syscw(&buf[..n])
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_writes() -> Option<u64> {
+    None
+}
+
+/// The `syscw:` count of an `io` file of `/proc`.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn syscw(io: &[u8]) -> Option<u64> {
+    let line = io
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"syscw:"))?;
+    std::str::from_utf8(line).ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -359,5 +388,17 @@ mod tests {
         let before = thread_writes().expect("the kernel counts a thread's writes");
         dev_null().write_all(b"x").unwrap();
         assert_eq!(thread_writes(), Some(before + 1));
+        // Read again from the file kept open: the count is current, not the first one.
+        dev_null().write_all(b"x").unwrap();
+        dev_null().write_all(b"x").unwrap();
+        assert_eq!(thread_writes(), Some(before + 3));
+    }
+
+    #[test]
+    fn the_write_count_is_read_from_its_line() {
+        let io = b"rchar: 10\nwchar: 20\nsyscr: 3\nsyscw: 42\nread_bytes: 0\n";
+        assert_eq!(syscw(io), Some(42));
+        assert_eq!(syscw(b"syscr: 3\n"), None);
+        assert_eq!(syscw(b"syscw: many\n"), None);
     }
 }
